@@ -1,0 +1,18 @@
+"""OmniZip: audio-guided dynamic token compression for omnimodal LLMs (arXiv 2511.14582),
+offline (``compress_clip``) and streaming (``StreamCompressor``).
+
+Read in the paper's order: ``config`` -> ``audio`` (scores to dominant tokens, anchors and
+merging) -> ``budget`` (audio retention to video ratios) -> ``video`` (ISTC) -> ``compress``
+(the whole clip) -> ``stream`` (window by window)."""
+from .compress import CompressedClip, compress_clip
+from .config import PAPER_SETTINGS, OmniZipConfig
+from .stream import StreamCompressor, WindowOutput
+
+__all__ = [
+    "OmniZipConfig",
+    "PAPER_SETTINGS",
+    "compress_clip",
+    "CompressedClip",
+    "StreamCompressor",
+    "WindowOutput",
+]

@@ -1,0 +1,87 @@
+"""OmniZip on a whole clip (SPEC sections 2 and 5): audio selection, audio-guided video
+ratios, then ISTC, in the order of the paper."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .audio import VideoRef, dominant_count, select_audio
+from .budget import offline_video_ratios
+from .config import OmniZipConfig
+from .ops import inverse_norm, work_dtype
+from .validate import check_clip
+from .video import istc_keep
+
+
+@dataclass(frozen=True)
+class CompressedClip:
+    """What ``compress_clip`` returns; tensors are on the input's device."""
+
+    audio_keep: torch.Tensor  # bool [Na]
+    audio: torch.Tensor  # [Na, D], merged anchors written in
+    video_keep: torch.Tensor  # bool [F, P]
+    video_ratios: list[float]  # one discard ratio per time group
+
+    @property
+    def retention(self) -> float:
+        """Kept multimodal tokens / all multimodal tokens (SPEC section 3)."""
+        total = self.audio_keep.numel() + self.video_keep.numel()
+        kept = int(self.audio_keep.sum()) + int(self.video_keep.sum())
+        return kept / total if total else 1.0
+
+
+def group_retention(audio_keep: torch.Tensor, audio_group_sizes: Sequence[int]) -> list[float | None]:
+    """Kept fraction of each group's audio tokens; None for a group without audio."""
+    sizes = torch.tensor(list(audio_group_sizes), dtype=torch.long)
+    group_of = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+    kept = torch.zeros(len(sizes), dtype=torch.long).index_add_(0, group_of, audio_keep.cpu().long())
+    return [k / n if n else None for k, n in zip(kept.tolist(), sizes.tolist())]
+
+
+def compress_groups(
+    audio: torch.Tensor,
+    audio_scores: torch.Tensor,
+    video: torch.Tensor,
+    audio_group_sizes: Sequence[int],
+    video_group_frames: Sequence[int],
+    cfg: OmniZipConfig,
+) -> CompressedClip:
+    """The offline method on validated inputs (no emptiness requirement)."""
+    frames = video.to(work_dtype(video))
+    inv = inverse_norm(frames)
+    selection = select_audio(
+        audio,
+        audio_scores,
+        dominant_count(audio.shape[0], cfg.rho_audio),
+        cfg.contextual_ratio,
+        cfg.g,
+        VideoRef.from_frames(frames, inv),
+    )
+    retention = group_retention(selection.keep, audio_group_sizes)
+    tokens = [f * video.shape[1] for f in video_group_frames]
+    ratios = offline_video_ratios(retention, tokens, cfg)
+    video_keep = istc_keep(frames, inv, video_group_frames, ratios, cfg.knn_k)
+    return CompressedClip(selection.keep, selection.audio, video_keep, ratios)
+
+
+def compress_clip(
+    audio: torch.Tensor,
+    audio_scores: torch.Tensor,
+    video: torch.Tensor,
+    audio_group_sizes: Sequence[int],
+    video_group_frames: Sequence[int],
+    cfg: OmniZipConfig | None = None,
+) -> CompressedClip:
+    """Compress one clip: ``audio`` [Na, D], ``audio_scores`` [Na], ``video`` [F, P, D] (LLM
+    frames), grouped into 2-s time groups by ``audio_group_sizes`` / ``video_group_frames``.
+
+    Raises ValueError naming the argument on bad input. Inputs are never modified.
+    """
+    cfg = OmniZipConfig() if cfg is None else cfg
+    if not isinstance(cfg, OmniZipConfig):
+        raise ValueError(f"cfg must be an OmniZipConfig, got {type(cfg).__name__}")
+    groups_a, groups_v = check_clip(audio, audio_scores, video, audio_group_sizes, video_group_frames)
+    with torch.no_grad():
+        return compress_groups(audio, audio_scores, video, groups_a, groups_v, cfg)

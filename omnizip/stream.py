@@ -1,0 +1,193 @@
+"""OmniZip window by window, for live streams (SPEC section 4).
+
+Each 2-s window is compressed when it closes (or, with a lookahead of L windows, when L more
+have arrived), from that window and the recent past only. The two global steps of the offline
+method get causal stand-ins (``DominanceTracker``, ``VideoRatioController``); anchors, merging
+and ISTC run inside the window exactly as offline. A compressor that is flushed before it has
+emitted anything holds the whole stream, so it applies the offline method to it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .audio import DominanceTracker, VideoRef, anchor_count, select_audio
+from .budget import VideoRatioController, base_ratio
+from .compress import compress_groups, group_retention
+from .config import OmniZipConfig
+from .ops import inverse_norm, work_dtype
+from .validate import check_clip
+from .video import istc_keep
+
+STATE_FORMAT = "omnizip.stream/1"
+
+
+@dataclass(frozen=True)
+class WindowOutput:
+    """One compressed window; tensors on the input's device."""
+
+    index: int
+    audio_keep: torch.Tensor  # bool [Na_i]
+    audio: torch.Tensor  # [Na_i, D], merged anchors written in
+    video_keep: torch.Tensor  # bool [F_i, P]
+    video_ratio: float
+
+    @property
+    def audio_kept(self) -> int:
+        return int(self.audio_keep.sum())
+
+    @property
+    def video_kept(self) -> int:
+        return int(self.video_keep.sum())
+
+
+@dataclass(frozen=True)
+class _Window:
+    index: int
+    audio: torch.Tensor
+    scores: torch.Tensor
+    video: torch.Tensor
+
+
+class StreamCompressor:
+    """Push windows, get compressed windows back; ``state_dict`` persists the stream's state.
+
+    ``lookahead``: windows held back before a window is final (0: each window is final at
+    once; None: nothing is final until ``flush``, which then equals ``compress_clip``).
+    """
+
+    def __init__(self, cfg: OmniZipConfig | None = None, lookahead: int | None = 0) -> None:
+        self.cfg = OmniZipConfig() if cfg is None else cfg
+        if not isinstance(self.cfg, OmniZipConfig):
+            raise ValueError(f"cfg must be an OmniZipConfig, got {type(self.cfg).__name__}")
+        if lookahead is not None and (isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0):
+            raise ValueError(f"lookahead must be None or an integer >= 0, got {lookahead!r}")
+        self.lookahead = lookahead
+        self._next_index = 0
+        self._pending: list[_Window] = []
+        self._dominance = DominanceTracker(
+            self.cfg.rho_audio, self.cfg.contextual_ratio, self.cfg.stream_history_windows
+        )
+        self._controller = VideoRatioController(self.cfg, self.cfg.stream_history_windows)
+
+    @property
+    def windows_pushed(self) -> int:
+        return self._next_index
+
+    def push(self, audio: torch.Tensor, audio_scores: torch.Tensor, video: torch.Tensor) -> list[WindowOutput]:
+        """Add one window (``[Na_i, D]``, ``[Na_i]``, ``[F_i, P, D]``); return the windows that became final."""
+        check_clip(audio, audio_scores, video, [audio.shape[0]], [video.shape[0]], allow_empty=True)
+        self._check_matches_stream(video)
+        self._pending.append(_Window(self._next_index, audio.detach(), audio_scores.detach(), video.detach()))
+        self._next_index += 1
+        done: list[WindowOutput] = []
+        with torch.no_grad():
+            while self.lookahead is not None and len(self._pending) > self.lookahead:
+                done.append(self._finalise_next())
+        return done
+
+    def flush(self) -> list[WindowOutput]:
+        """Finalise every held-back window (end of stream)."""
+        if not self._pending:
+            return []
+        with torch.no_grad():
+            if self._next_index == len(self._pending):  # nothing emitted yet: the whole stream is here
+                return self._finalise_all_offline()
+            done = []
+            while self._pending:
+                done.append(self._finalise_next())
+            return done
+
+    def _check_matches_stream(self, video: torch.Tensor) -> None:
+        for w in self._pending[:1]:
+            if w.audio.shape[1] != video.shape[2]:
+                raise ValueError(f"video has D = {video.shape[2]} but this stream's windows have D = {w.audio.shape[1]}")
+            if w.video.shape[0] and video.shape[0] and w.video.shape[1] != video.shape[1]:
+                raise ValueError(
+                    f"video has {video.shape[1]} tokens per frame but this stream's frames have {w.video.shape[1]}"
+                )
+
+    def _finalise_next(self) -> WindowOutput:
+        cfg = self.cfg
+        window = self._pending.pop(0)
+        ahead = self._pending if self.lookahead is None else self._pending[: self.lookahead]
+        frames = window.video.to(work_dtype(window.video))
+        inv = inverse_norm(frames)
+        n_dom, ahead_dom = self._dominance.plan(window.scores, [w.scores for w in ahead])
+        sel = select_audio(window.audio, window.scores, n_dom, cfg.contextual_ratio, cfg.g, VideoRef.from_frames(frames, inv))
+        num_audio, kept_audio = window.scores.shape[0], int(sel.keep.sum())
+        num_video = frames.shape[0] * frames.shape[1]
+        ratio = cfg.rho_video
+        if num_audio:
+            b = base_ratio(kept_audio / num_audio, cfg)
+            estimates = [
+                (base_ratio((n + anchor_count(na, na - n, cfg.contextual_ratio)) / na, cfg), w.video.shape[0] * w.video.shape[1])
+                for w, n in zip(ahead, ahead_dom)
+                if (na := w.scores.shape[0])
+            ]
+            ratio = self._controller.ratio(b, num_video, estimates)
+        video_keep = self._video_keep(frames, inv, ratio)
+        self._dominance.record(window.scores, kept_audio)
+        if num_audio:
+            self._controller.record(b, num_video, num_video - int(video_keep.sum()))
+        return WindowOutput(window.index, sel.keep, sel.audio, video_keep, ratio)
+
+    def _video_keep(self, frames: torch.Tensor, inv: torch.Tensor, ratio: float) -> torch.Tensor:
+        return istc_keep(frames, inv, [frames.shape[0]], [ratio], self.cfg.knn_k)
+
+    def _finalise_all_offline(self) -> list[WindowOutput]:
+        windows, self._pending = self._pending, []
+        with_video = [w.video for w in windows if w.video.shape[0]]
+        ref = windows[0].audio
+        video = torch.cat(with_video) if with_video else ref.new_zeros(0, 1, ref.shape[1])
+        sizes_a = [w.scores.shape[0] for w in windows]
+        sizes_v = [w.video.shape[0] for w in windows]
+        clip = compress_groups(
+            torch.cat([w.audio for w in windows]), torch.cat([w.scores for w in windows]), video, sizes_a, sizes_v, self.cfg
+        )
+        tokens_per_frame = video.shape[1]
+        out = []
+        for w, keep_a, audio, keep_v, ratio, r in zip(
+            windows,
+            clip.audio_keep.split(sizes_a),
+            clip.audio.split(sizes_a),
+            clip.video_keep.split(sizes_v),
+            clip.video_ratios,
+            group_retention(clip.audio_keep, sizes_a),
+        ):
+            if w.video.shape[0] == 0:
+                keep_v = torch.zeros(w.video.shape[:2], dtype=torch.bool, device=keep_v.device)
+            self._dominance.record(w.scores, int(keep_a.sum()))
+            if r is not None:
+                num_video = w.video.shape[0] * tokens_per_frame
+                self._controller.record(base_ratio(r, self.cfg), num_video, num_video - int(keep_v.sum()))
+            out.append(WindowOutput(w.index, keep_a, audio, keep_v, ratio))
+        return out
+
+    def state_dict(self) -> dict:
+        """Plain data; its size stops growing once the history is full (plus held-back windows)."""
+        return {
+            "format": STATE_FORMAT,
+            "config": self.cfg.to_dict(),
+            "lookahead": self.lookahead,
+            "next_index": self._next_index,
+            "audio_history": self._dominance.state_dict(),
+            "video_history": self._controller.state_dict(),
+            "pending": [
+                {"index": w.index, "audio": w.audio, "scores": w.scores, "video": w.video} for w in self._pending
+            ],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue a stream from ``state_dict()`` output (same config required)."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"state is not a StreamCompressor state ({STATE_FORMAT})")
+        if OmniZipConfig.from_dict(state["config"]) != self.cfg:
+            raise ValueError("state was saved with a different OmniZipConfig than this compressor's")
+        try:
+            self._dominance.load_state_dict(state["audio_history"])
+            self._controller.load_state_dict(state["video_history"])
+            self._pending = [_Window(int(w["index"]), w["audio"], w["scores"], w["video"]) for w in state["pending"]]
+            self._next_index = int(state["next_index"])
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"state is incomplete or malformed: {exc!r}") from exc
