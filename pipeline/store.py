@@ -1,0 +1,553 @@
+"""Durable per-stream state: the stream registry, each stream's compressed windows and its
+compressor state, so a restarted worker or decoder resumes where the last one stopped.
+
+Two implementations of one contract (:class:`StreamStore`): :class:`RedisStore` (a real Redis,
+shared by every process of the cluster, survives restarts) and :class:`MemoryStore` (in-process,
+the embedded default when no Redis URL is configured). Payloads are opaque ``bytes``: the window
+object belongs to the model adapter; :mod:`pipeline.codec` turns tensors into bytes.
+
+Redis layout (keys share the hash tag ``{<stream id>}`` so a stream's keys live in one slot):
+- ``omnizip:streams``             set of stream ids
+- ``omnizip:{id}:spec``           JSON spec (source, name, settings, budget, status, created)
+- ``omnizip:{id}:windows``        Redis stream, entry id ``<index+1>-0`` (idempotent appends),
+                                  fields ``end`` (media end, s), ``meta`` (JSON), ``payload``
+- ``omnizip:{id}:state``          hash ``index`` (last window folded in) + ``data`` (bytes)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "Retention", "StoredWindow", "StoredState", "StreamStore", "MemoryStore", "RedisStore",
+    "open_store", "StoreError", "StreamNotFound", "StreamExists", "WindowOrderError",
+]
+
+Scalar = str | int | float | bool | None
+_RESERVED = ("id", "created")
+
+
+class StoreError(Exception):
+    """Base class of the store's errors."""
+
+
+class StreamNotFound(StoreError, KeyError):
+    """No stream with this id is registered."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else "stream not found"
+
+
+class StreamExists(StoreError):
+    """A different stream is already registered under this id."""
+
+
+class WindowOrderError(StoreError, ValueError):
+    """A window arrived after a later one without being a retry of an accepted window."""
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How much of each stream's window history is kept: at most ``max_windows`` windows and/or
+    only windows whose media end lies within ``max_age_s`` media seconds of the newest one."""
+
+    max_windows: int | None = None
+    max_age_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_windows is not None and (not isinstance(self.max_windows, int)
+                                             or self.max_windows < 1):
+            raise ValueError(f"Retention.max_windows must be an int >= 1, got {self.max_windows!r}")
+        if self.max_age_s is not None and not (self.max_age_s >= 0 and math.isfinite(self.max_age_s)):
+            raise ValueError(f"Retention.max_age_s must be a finite number >= 0, got {self.max_age_s!r}")
+
+
+@dataclass(frozen=True)
+class StoredWindow:
+    """One compressed window as stored: ``payload`` is the adapter's serialised window."""
+
+    index: int
+    media_start: float
+    media_end: float
+    payload: bytes
+    fields: dict[str, Scalar] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StoredState:
+    """A stream's compressor state after window ``index`` was folded in."""
+
+    index: int
+    data: bytes
+
+
+def _check_id(stream_id: str) -> str:
+    if not isinstance(stream_id, str) or not stream_id or len(stream_id) > 128 \
+            or any(c in stream_id for c in "{}: \t\n"):
+        raise ValueError(f"stream_id must be a non-empty string of at most 128 characters "
+                         f"without braces, colons or whitespace, got {stream_id!r}")
+    return stream_id
+
+
+def _check_window(index: int, payload: bytes, media_start: float, media_end: float,
+                  fields: Mapping[str, Scalar] | None) -> dict[str, Scalar]:
+    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+        raise ValueError(f"index must be an int >= 0, got {index!r}")
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
+    if not (math.isfinite(media_start) and math.isfinite(media_end) and media_end >= media_start):
+        raise ValueError(f"media_start/media_end must be finite with end >= start, "
+                         f"got {media_start!r}/{media_end!r}")
+    out = dict(fields or {})
+    for k, v in out.items():
+        if not isinstance(k, str) or not (v is None or isinstance(v, (str, int, float, bool))):
+            raise TypeError(f"fields[{k!r}] must map a str to a str/int/float/bool/None, got {v!r}")
+    json.dumps(out)  # raises early on anything JSON cannot hold
+    return out
+
+
+def _check_spec(spec: Mapping[str, Any], what: str) -> dict[str, Any]:
+    if not isinstance(spec, Mapping):
+        raise TypeError(f"{what} must be a mapping, got {type(spec).__name__}")
+    try:
+        return json.loads(json.dumps(dict(spec)))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{what} must be JSON-serialisable: {e}") from None
+
+
+class StreamStore(ABC):
+    """The contract both stores keep. Every write is idempotent where a retry can repeat it."""
+
+    retention: Retention
+
+    # --- registry -------------------------------------------------------------------------
+    @abstractmethod
+    def create_stream(self, spec: Mapping[str, Any], stream_id: str | None = None) -> dict[str, Any]:
+        """Register a stream; returns its record (``spec`` plus ``id``, ``created`` and a default
+        ``status`` of "created"). Repeating the same create is a no-op; a different spec under an
+        existing id raises :class:`StreamExists`."""
+
+    @abstractmethod
+    def get_stream(self, stream_id: str) -> dict[str, Any]:
+        """The stream's record; :class:`StreamNotFound` if there is none."""
+
+    @abstractmethod
+    def list_streams(self) -> list[dict[str, Any]]:
+        """All records, oldest first."""
+
+    @abstractmethod
+    def update_stream(self, stream_id: str, changes: Mapping[str, Any]) -> dict[str, Any]:
+        """Merge ``changes`` into the record (not ``id``/``created``); returns the new record."""
+
+    @abstractmethod
+    def delete_stream(self, stream_id: str) -> bool:
+        """Remove the record, its windows and its state; False if it did not exist."""
+
+    # --- windows --------------------------------------------------------------------------
+    @abstractmethod
+    def append_window(self, stream_id: str, index: int, payload: bytes, *, media_start: float,
+                      media_end: float, fields: Mapping[str, Scalar] | None = None,
+                      state: bytes | None = None) -> bool:
+        """Append window ``index`` (0-based, increasing; gaps allowed for dropped windows) and,
+        atomically with it, the compressor ``state`` after it. Returns False when the window is
+        a retry of one already accepted (nothing changes), True when it was added. Retention is
+        applied in the same step. :class:`WindowOrderError` if it comes after a later window."""
+
+    @abstractmethod
+    def iter_windows(self, stream_id: str, start: int = 0, batch: int = 32) -> Iterator[StoredWindow]:
+        """Retained windows with index >= ``start``, in index order, read ``batch`` at a time."""
+
+    def windows(self, stream_id: str, start: int = 0) -> list[StoredWindow]:
+        """All retained windows with index >= ``start``, in order (context rebuild)."""
+        return list(self.iter_windows(stream_id, start))
+
+    @abstractmethod
+    def window_count(self, stream_id: str) -> int:
+        """How many windows are retained."""
+
+    @abstractmethod
+    def last_window_index(self, stream_id: str) -> int | None:
+        """Index of the newest retained window, None if none."""
+
+    # --- compressor state -----------------------------------------------------------------
+    @abstractmethod
+    def save_state(self, stream_id: str, index: int, data: bytes) -> None:
+        """Store the compressor state after window ``index`` (replaces the previous one)."""
+
+    @abstractmethod
+    def load_state(self, stream_id: str) -> StoredState | None:
+        """The last saved compressor state, None if none was saved."""
+
+    # --- lifecycle ------------------------------------------------------------------------
+    def ping(self) -> bool:
+        """True when the backing store answers."""
+        return True
+
+    def close(self) -> None:
+        """Release connections."""
+
+    def __enter__(self) -> "StreamStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- shared helpers -------------------------------------------------------------------
+    @staticmethod
+    def _new_record(spec: Mapping[str, Any], stream_id: str | None) -> dict[str, Any]:
+        rec = _check_spec(spec, "spec")
+        for k in _RESERVED:
+            rec.pop(k, None)
+        rec.setdefault("status", "created")
+        rec["id"] = _check_id(stream_id) if stream_id is not None else uuid.uuid4().hex[:16]
+        rec["created"] = time.time()
+        return rec
+
+    @staticmethod
+    def _same_spec(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+        drop = ("created",)
+        return {k: v for k, v in a.items() if k not in drop} == \
+            {k: v for k, v in b.items() if k not in drop}
+
+    @staticmethod
+    def _merged(rec: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+        ch = _check_spec(changes, "changes")
+        bad = [k for k in _RESERVED if k in ch]
+        if bad:
+            raise ValueError(f"changes may not modify {bad}")
+        return {**rec, **ch}
+
+
+# ============================================================================================
+class MemoryStore(StreamStore):
+    """In-process store with the same semantics as :class:`RedisStore` (thread-safe). Data
+    lives as long as the process: the embedded default for single-process use and tests."""
+
+    def __init__(self, retention: Retention = Retention()) -> None:
+        self.retention = retention
+        self._lock = threading.RLock()
+        self._specs: dict[str, dict[str, Any]] = {}
+        self._windows: dict[str, list[StoredWindow]] = {}
+        self._last_id: dict[str, int] = {}  # like a Redis stream's last-generated-id
+        self._states: dict[str, StoredState] = {}
+
+    def create_stream(self, spec: Mapping[str, Any], stream_id: str | None = None) -> dict[str, Any]:
+        rec = self._new_record(spec, stream_id)
+        with self._lock:
+            old = self._specs.get(rec["id"])
+            if old is not None:
+                if self._same_spec(old, rec):
+                    return dict(old)
+                raise StreamExists(f"stream {rec['id']!r} already exists with a different spec")
+            self._specs[rec["id"]] = rec
+            self._windows[rec["id"]] = []
+            return dict(rec)
+
+    def _rec(self, stream_id: str) -> dict[str, Any]:
+        rec = self._specs.get(_check_id(stream_id))
+        if rec is None:
+            raise StreamNotFound(f"no stream {stream_id!r}")
+        return rec
+
+    def get_stream(self, stream_id: str) -> dict[str, Any]:
+        with self._lock:
+            return json.loads(json.dumps(self._rec(stream_id)))
+
+    def list_streams(self) -> list[dict[str, Any]]:
+        with self._lock:
+            recs = json.loads(json.dumps(list(self._specs.values())))
+        return sorted(recs, key=lambda r: (r["created"], r["id"]))
+
+    def update_stream(self, stream_id: str, changes: Mapping[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            rec = self._merged(self._rec(stream_id), changes)
+            self._specs[stream_id] = rec
+            return json.loads(json.dumps(rec))
+
+    def delete_stream(self, stream_id: str) -> bool:
+        with self._lock:
+            _check_id(stream_id)
+            self._windows.pop(stream_id, None)
+            self._last_id.pop(stream_id, None)
+            self._states.pop(stream_id, None)
+            return self._specs.pop(stream_id, None) is not None
+
+    def append_window(self, stream_id: str, index: int, payload: bytes, *, media_start: float,
+                      media_end: float, fields: Mapping[str, Scalar] | None = None,
+                      state: bytes | None = None) -> bool:
+        f = _check_window(index, payload, media_start, media_end, fields)
+        with self._lock:
+            self._rec(stream_id)
+            wins = self._windows[stream_id]
+            last = self._last_id.get(stream_id, -1)
+            if index <= last:
+                if any(w.index == index for w in wins) or not wins or index < wins[0].index:
+                    return False
+                raise WindowOrderError(f"stream {stream_id!r}: window {index} arrives after "
+                                       f"window {last}")
+            wins.append(StoredWindow(index, float(media_start), float(media_end),
+                                     bytes(payload), f))
+            self._last_id[stream_id] = index
+            if state is not None:
+                self._states[stream_id] = StoredState(index, bytes(state))
+            r = self.retention
+            if r.max_windows is not None and len(wins) > r.max_windows:
+                del wins[: len(wins) - r.max_windows]
+            if r.max_age_s is not None:
+                cutoff = float(media_end) - r.max_age_s
+                keep = next((i for i, w in enumerate(wins) if w.media_end >= cutoff), len(wins))
+                del wins[:keep]
+            return True
+
+    def iter_windows(self, stream_id: str, start: int = 0, batch: int = 32) -> Iterator[StoredWindow]:
+        with self._lock:
+            self._rec(stream_id)
+            wins = [w for w in self._windows[stream_id] if w.index >= start]
+        for w in wins:
+            yield StoredWindow(w.index, w.media_start, w.media_end, w.payload, dict(w.fields))
+
+    def window_count(self, stream_id: str) -> int:
+        with self._lock:
+            self._rec(stream_id)
+            return len(self._windows[stream_id])
+
+    def last_window_index(self, stream_id: str) -> int | None:
+        with self._lock:
+            self._rec(stream_id)
+            wins = self._windows[stream_id]
+            return wins[-1].index if wins else None
+
+    def save_state(self, stream_id: str, index: int, data: bytes) -> None:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"state data must be bytes, got {type(data).__name__}")
+        with self._lock:
+            self._rec(stream_id)
+            self._states[stream_id] = StoredState(int(index), bytes(data))
+
+    def load_state(self, stream_id: str) -> StoredState | None:
+        with self._lock:
+            self._rec(stream_id)
+            return self._states.get(stream_id)
+
+
+# ============================================================================================
+# One atomic step: registry check, idempotent XADD, state, retention.
+# KEYS: spec, windows, state. ARGV: 1 entry id, 2 media end, 3 meta JSON, 4 payload,
+# 5 max_windows ("" = none), 6 max_age_s ("" = none), 7 state bytes, 8 "1" if state given, 9 index.
+# Returns 1 added, 0 duplicate (retry, or already trimmed), -1 no such stream, -2 out of order.
+_APPEND_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local ok = redis.pcall('XADD', KEYS[2], ARGV[1], 'end', ARGV[2], 'meta', ARGV[3], 'payload', ARGV[4])
+if type(ok) == 'table' and ok.err then
+  if not string.find(ok.err, 'equal or smaller') then return redis.error_reply(ok.err) end
+  if #redis.call('XRANGE', KEYS[2], ARGV[1], ARGV[1]) > 0 then return 0 end
+  local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+  if #first == 0 then return 0 end
+  local first_ms = tonumber(string.match(first[1][1], '^(%d+)'))
+  if tonumber(ARGV[9]) + 1 < first_ms then return 0 end
+  return -2
+end
+if ARGV[8] == '1' then redis.call('HSET', KEYS[3], 'index', ARGV[9], 'data', ARGV[7]) end
+if ARGV[5] ~= '' then redis.call('XTRIM', KEYS[2], 'MAXLEN', ARGV[5]) end
+if ARGV[6] ~= '' then
+  local cutoff = tonumber(ARGV[2]) - tonumber(ARGV[6])
+  while true do
+    local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+    if #first == 0 then break end
+    if tonumber(first[1][2][2]) < cutoff then redis.call('XDEL', KEYS[2], first[1][1]) else break end
+  end
+end
+return 1
+"""
+
+
+class RedisStore(StreamStore):
+    """Store in a real Redis (>= 6.2). Survives a Redis restart: every command is retried with
+    exponential backoff on connection errors and while Redis is still loading its data, and the
+    writes that a retry can repeat (create, append) are idempotent. Durability of accepted data
+    across a Redis crash is Redis's own: run it with ``appendonly yes`` (``appendfsync always``
+    to lose nothing acknowledged; ``everysec`` loses at most a second)."""
+
+    REGISTRY = "omnizip:streams"
+
+    def __init__(self, url: str, retention: Retention = Retention(), *, retries: int = 12,
+                 backoff_base_s: float = 0.05, backoff_cap_s: float = 2.0,
+                 socket_timeout_s: float = 5.0) -> None:
+        import redis
+        from redis.backoff import ExponentialBackoff
+        from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
+        from redis.retry import Retry
+
+        self.retention = retention
+        self.url = url
+        errors = (ConnectionError, TimeoutError, BusyLoadingError, ConnectionResetError,
+                  ConnectionRefusedError)
+        self._r = redis.Redis.from_url(
+            url,
+            retry=Retry(ExponentialBackoff(cap=backoff_cap_s, base=backoff_base_s), retries,
+                        supported_errors=errors),
+            retry_on_error=list(errors),
+            socket_timeout=socket_timeout_s,
+            socket_connect_timeout=socket_timeout_s,
+            health_check_interval=10,
+        )
+        self._append = self._r.register_script(_APPEND_LUA)
+        self._redis_mod = redis
+
+    @staticmethod
+    def _k(stream_id: str, what: str) -> str:
+        return f"omnizip:{{{_check_id(stream_id)}}}:{what}"
+
+    def ping(self) -> bool:
+        try:
+            return bool(self._r.ping())
+        except self._redis_mod.exceptions.RedisError:
+            return False
+
+    def close(self) -> None:
+        self._r.close()
+
+    # --- registry -------------------------------------------------------------------------
+    def create_stream(self, spec: Mapping[str, Any], stream_id: str | None = None) -> dict[str, Any]:
+        rec = self._new_record(spec, stream_id)
+        key = self._k(rec["id"], "spec")
+        if self._r.set(key, json.dumps(rec), nx=True):
+            self._r.sadd(self.REGISTRY, rec["id"])
+            return rec
+        old = self.get_stream(rec["id"])
+        if self._same_spec(old, rec):
+            self._r.sadd(self.REGISTRY, rec["id"])  # finish a create cut short by a crash
+            return old
+        raise StreamExists(f"stream {rec['id']!r} already exists with a different spec")
+
+    def get_stream(self, stream_id: str) -> dict[str, Any]:
+        raw = self._r.get(self._k(stream_id, "spec"))
+        if raw is None:
+            raise StreamNotFound(f"no stream {stream_id!r}")
+        return json.loads(raw)
+
+    def list_streams(self) -> list[dict[str, Any]]:
+        ids = sorted(i.decode() for i in self._r.smembers(self.REGISTRY))
+        if not ids:
+            return []
+        raws = self._r.mget([self._k(i, "spec") for i in ids])
+        recs = [json.loads(r) for r in raws if r is not None]
+        return sorted(recs, key=lambda r: (r["created"], r["id"]))
+
+    def update_stream(self, stream_id: str, changes: Mapping[str, Any]) -> dict[str, Any]:
+        key = self._k(stream_id, "spec")
+        out: dict[str, Any] = {}
+
+        def step(pipe: Any) -> None:
+            raw = pipe.get(key)
+            if raw is None:
+                raise StreamNotFound(f"no stream {stream_id!r}")
+            out["rec"] = self._merged(json.loads(raw), changes)
+            pipe.multi()
+            pipe.set(key, json.dumps(out["rec"]))
+
+        self._r.transaction(step, key)
+        return out["rec"]
+
+    def delete_stream(self, stream_id: str) -> bool:
+        keys = [self._k(stream_id, w) for w in ("spec", "windows", "state")]
+        pipe = self._r.pipeline(transaction=True)
+        pipe.delete(keys[0])
+        pipe.delete(*keys[1:])
+        pipe.srem(self.REGISTRY, stream_id)
+        existed, _, _ = pipe.execute()
+        return bool(existed)
+
+    # --- windows --------------------------------------------------------------------------
+    def append_window(self, stream_id: str, index: int, payload: bytes, *, media_start: float,
+                      media_end: float, fields: Mapping[str, Scalar] | None = None,
+                      state: bytes | None = None) -> bool:
+        f = _check_window(index, payload, media_start, media_end, fields)
+        if state is not None and not isinstance(state, (bytes, bytearray, memoryview)):
+            raise TypeError(f"state must be bytes, got {type(state).__name__}")
+        meta = json.dumps({"index": index, "start": float(media_start), "end": float(media_end),
+                           "fields": f})
+        r = self.retention
+        res = self._append(
+            keys=[self._k(stream_id, "spec"), self._k(stream_id, "windows"),
+                  self._k(stream_id, "state")],
+            args=[f"{index + 1}-0", repr(float(media_end)), meta, bytes(payload),
+                  "" if r.max_windows is None else str(r.max_windows),
+                  "" if r.max_age_s is None else repr(float(r.max_age_s)),
+                  b"" if state is None else bytes(state), "0" if state is None else "1",
+                  str(index)])
+        if res == -1:
+            raise StreamNotFound(f"no stream {stream_id!r}")
+        if res == -2:
+            last = self.last_window_index(stream_id)
+            raise WindowOrderError(f"stream {stream_id!r}: window {index} arrives after "
+                                   f"window {last}")
+        return res == 1
+
+    @staticmethod
+    def _decode_entry(entry: tuple[bytes, dict[bytes, bytes]]) -> StoredWindow:
+        _, fields = entry
+        meta = json.loads(fields[b"meta"])
+        return StoredWindow(meta["index"], meta["start"], meta["end"], fields[b"payload"],
+                            meta["fields"])
+
+    def _require(self, stream_id: str) -> None:
+        if not self._r.exists(self._k(stream_id, "spec")):
+            raise StreamNotFound(f"no stream {stream_id!r}")
+
+    def iter_windows(self, stream_id: str, start: int = 0, batch: int = 32) -> Iterator[StoredWindow]:
+        self._require(stream_id)
+        key = self._k(stream_id, "windows")
+        lo = f"{max(start, 0) + 1}-0"
+        while True:
+            entries = self._r.xrange(key, min=lo, max="+", count=batch)
+            for e in entries:
+                yield self._decode_entry(e)
+            if len(entries) < batch:
+                return
+            lo = "(" + entries[-1][0].decode()
+
+    def window_count(self, stream_id: str) -> int:
+        self._require(stream_id)
+        return int(self._r.xlen(self._k(stream_id, "windows")))
+
+    def last_window_index(self, stream_id: str) -> int | None:
+        self._require(stream_id)
+        top = self._r.xrevrange(self._k(stream_id, "windows"), count=1)
+        return int(top[0][0].split(b"-")[0]) - 1 if top else None
+
+    # --- compressor state -----------------------------------------------------------------
+    def save_state(self, stream_id: str, index: int, data: bytes) -> None:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"state data must be bytes, got {type(data).__name__}")
+        self._require(stream_id)
+        self._r.hset(self._k(stream_id, "state"), mapping={"index": int(index), "data": bytes(data)})
+
+    def load_state(self, stream_id: str) -> StoredState | None:
+        self._require(stream_id)
+        got = self._r.hmget(self._k(stream_id, "state"), ["index", "data"])
+        if got[0] is None:
+            return None
+        return StoredState(int(got[0]), got[1])
+
+
+def open_store(url: str | None, retention: Retention = Retention(), **redis_kwargs: Any) -> StreamStore:
+    """The store for ``url``: None, "" or ``memory://`` -> :class:`MemoryStore`;
+    ``redis://``, ``rediss://`` or ``unix://`` -> :class:`RedisStore`."""
+    if not url or url == "memory://":
+        if redis_kwargs:
+            raise ValueError(f"options {sorted(redis_kwargs)} only apply to a Redis URL")
+        return MemoryStore(retention)
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if scheme in ("redis", "rediss", "unix"):
+        return RedisStore(url, retention, **redis_kwargs)
+    raise ValueError(f"store URL {url!r}: scheme must be redis://, rediss://, unix:// or "
+                     "memory:// (or no URL for the in-process store)")
