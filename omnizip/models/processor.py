@@ -1,0 +1,205 @@
+"""Offline tokenizer and pre-processing for Qwen2.5-Omni: text ids, log-mel windows, video patches.
+
+Nothing here downloads anything. For presets the tokenizer is a byte-level BPE trained in code on a
+tiny built-in corpus; for a checkpoint its own tokenizer and feature extractor are read from disk.
+Frame pre-processing is our own torch code (torchvision is not available) reproducing Qwen2-VL's:
+resize to multiples of 28 within pixel limits, rescale to [0, 1], normalise with the CLIP mean/std and
+lay patches out as [grid_t * grid_h * grid_w, C * temporal_patch * patch * patch] in merge order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedTokenizerBase, WhisperFeatureExtractor
+
+from .errors import InputShapeError, ModelLoadError
+
+SAMPLE_RATE = 16000
+WINDOW_SECONDS = 2
+WINDOW_SAMPLES = SAMPLE_RATE * WINDOW_SECONDS
+FPS = 2
+FRAMES_PER_WINDOW = FPS * WINDOW_SECONDS
+MEL_FRAMES_PER_WINDOW = 200
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>",
+    "<|vision_bos|>", "<|vision_eos|>", "<|vision_pad|>", "<|IMAGE|>", "<|VIDEO|>",
+]
+_CORPUS = [
+    "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
+    "auditory and visual inputs, as well as generating text and speech.",
+    "system user assistant What is happening in the video? What did the speaker say? Describe the scene.",
+    "A person is talking in front of a camera. Music is playing. A car drives by on the street.",
+    "The quick brown fox jumps over the lazy dog. 0123456789 , . ? ! : ; ' \" ( ) - \n",
+    "Who is speaking? How many people are there? What colour is the shirt? When did the sound start?",
+]
+DEFAULT_SYSTEM_PROMPT = _CORPUS[0]
+
+
+def build_preset_tokenizer(vocab_size: int = 448) -> PreTrainedTokenizerBase:
+    """A deterministic byte-level BPE with Qwen's special tokens (ids 0..10), trained in code."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_CORPUS * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   extra_special_tokens=SPECIAL_TOKENS[3:])
+
+
+def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
+    """Ids of the special tokens the model needs; a ModelLoadError names any the tokenizer lacks."""
+    ids = {}
+    for name in SPECIAL_TOKENS:
+        tid = tokenizer.convert_tokens_to_ids(name)
+        if tid is None or tid == tokenizer.unk_token_id:
+            raise ModelLoadError(f"tokenizer has no special token {name}")
+        ids[name] = int(tid)
+    return ids
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
+                 max_pixels: int = 28 * 28 * 1280) -> tuple[int, int]:
+    """Qwen2-VL's target size: multiples of `factor`, pixel count in [min_pixels, max_pixels], aspect kept."""
+    if max(height, width) / min(height, width) > 200:
+        raise InputShapeError(f"frame aspect ratio must be < 200, got {height}x{width}")
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+@dataclass(frozen=True)
+class VideoPatches:
+    """Flattened patches of one video segment and its grid (in 14-px patches, before the 2x2 merge)."""
+
+    pixels: torch.Tensor  # [grid_t * grid_h * grid_w, C * tp * p * p] float32
+    grid_thw: tuple[int, int, int]
+
+    @property
+    def llm_grid_hw(self) -> tuple[int, int]:
+        return self.grid_thw[1] // 2, self.grid_thw[2] // 2
+
+
+class OmniProcessor:
+    """Text, audio and frame pre-processing for one model; the same for presets and checkpoints."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, feature_extractor: WhisperFeatureExtractor | None = None,
+                 *, patch_size: int = 14, temporal_patch_size: int = 2, merge_size: int = 2,
+                 min_pixels: int = 56 * 56, max_pixels: int = 768 * 28 * 28,
+                 image_mean: tuple[float, ...] = CLIP_MEAN, image_std: tuple[float, ...] = CLIP_STD) -> None:
+        self.tokenizer = tokenizer
+        self.feature_extractor = feature_extractor or WhisperFeatureExtractor(
+            feature_size=128, sampling_rate=SAMPLE_RATE, hop_length=160, n_fft=400)
+        if self.feature_extractor.feature_size != 128:
+            raise ModelLoadError(f"feature extractor must give 128 mel bins, has {self.feature_extractor.feature_size}")
+        self.patch_size, self.temporal_patch_size, self.merge_size = patch_size, temporal_patch_size, merge_size
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.image_mean = torch.tensor(image_mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.image_std = torch.tensor(image_std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.token_ids = special_token_ids(tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "OmniProcessor":
+        """The checkpoint's own tokenizer, feature extractor and pixel limits, read with local_files_only."""
+        from transformers import AutoTokenizer
+
+        path = Path(path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - re-raised typed, with the cause attached
+            raise ModelLoadError(f"cannot load a tokenizer from {path}: {exc}") from exc
+        kwargs: dict = {}
+        fe = None
+        pre = path / "preprocessor_config.json"
+        if pre.is_file():
+            cfg = json.loads(pre.read_text())
+            fe = WhisperFeatureExtractor.from_pretrained(path, local_files_only=True)
+            kwargs = {k: cfg[k] for k in ("min_pixels", "max_pixels", "patch_size", "temporal_patch_size",
+                                          "merge_size", "image_mean", "image_std") if k in cfg}
+        return cls(tokenizer, fe, **kwargs)
+
+    # ---- audio --------------------------------------------------------------------------------
+    def check_audio(self, audio: np.ndarray | torch.Tensor, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+        """Mono float audio at 16 kHz whose length is a whole number of 2-s windows, as float32 numpy."""
+        if sample_rate != SAMPLE_RATE:
+            raise InputShapeError(f"audio must be sampled at {SAMPLE_RATE} Hz, got {sample_rate} Hz")
+        arr = audio.detach().cpu().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio)
+        if arr.ndim != 1:
+            raise InputShapeError(f"audio must be mono 1-D [samples], got shape {tuple(arr.shape)}")
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise InputShapeError(f"audio must be float samples in [-1, 1], got dtype {arr.dtype}")
+        if arr.size == 0 or arr.size % WINDOW_SAMPLES:
+            raise InputShapeError(f"audio length must be a positive multiple of {WINDOW_SAMPLES} samples "
+                                  f"(2 s at {SAMPLE_RATE} Hz), got {arr.size}")
+        if not np.isfinite(arr).all():
+            raise InputShapeError("audio contains NaN or infinite samples")
+        return arr.astype(np.float32, copy=False)
+
+    def mel_windows(self, audio: np.ndarray | torch.Tensor, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
+        """Log-mel features [W, 128, 200] computed per 2-s window (the same offline and streaming)."""
+        arr = self.check_audio(audio, sample_rate)
+        chunks = list(arr.reshape(-1, WINDOW_SAMPLES))
+        feats = self.feature_extractor(chunks, sampling_rate=SAMPLE_RATE, padding="longest",
+                                       return_tensors="np")["input_features"]
+        if feats.shape[-1] != MEL_FRAMES_PER_WINDOW:
+            raise ModelLoadError(f"feature extractor gave {feats.shape[-1]} frames per 2 s, expected 200 "
+                                 "(hop length must be 160 at 16 kHz)")
+        return torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32))
+
+    # ---- video --------------------------------------------------------------------------------
+    def check_frames(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 RGB frames [T, H, W, 3] with T a multiple of 4 (2 fps, 2-s windows), as a torch tensor."""
+        t = frames if isinstance(frames, torch.Tensor) else torch.from_numpy(np.asarray(frames))
+        if t.ndim != 4 or t.shape[-1] != 3:
+            raise InputShapeError(f"frames must be [T, H, W, 3] RGB, got shape {tuple(t.shape)}")
+        if t.dtype != torch.uint8:
+            raise InputShapeError(f"frames must be uint8, got {t.dtype}")
+        if t.shape[0] == 0 or t.shape[0] % FRAMES_PER_WINDOW:
+            raise InputShapeError(f"frame count must be a positive multiple of {FRAMES_PER_WINDOW} "
+                                  f"({FPS} fps x {WINDOW_SECONDS} s), got {t.shape[0]}")
+        return t
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        return smart_resize(height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels)
+
+    def video_patches(self, frames: np.ndarray | torch.Tensor) -> VideoPatches:
+        """Resize, normalise and patchify frames [T, H, W, 3] exactly in Qwen2-VL's layout."""
+        t = self.check_frames(frames)
+        x = t.permute(0, 3, 1, 2).float()  # [T, 3, H, W]
+        h, w = self.target_size(x.shape[2], x.shape[3])
+        if (h, w) != tuple(x.shape[2:]):
+            x = F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False).clamp_(0, 255)
+        x = (x / 255.0 - self.image_mean) / self.image_std
+        tp, p, m = self.temporal_patch_size, self.patch_size, self.merge_size
+        gt, gh, gw = x.shape[0] // tp, h // p, w // p
+        x = x.view(gt, tp, 3, gh // m, m, p, gw // m, m, p)
+        x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        return VideoPatches(x.reshape(gt * gh * gw, 3 * tp * p * p).contiguous(), (gt, gh, gw))
+
+    # ---- text ---------------------------------------------------------------------------------
+    def encode_text(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
