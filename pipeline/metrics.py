@@ -1,0 +1,281 @@
+"""Every Prometheus metric of the service, defined once (``SPECS``), recorded through typed
+helpers so the pipeline never spells a metric name or label by hand.
+
+Two backends, one set of names (see docs/metrics.md):
+- ``ray``: ``ray.util.metrics``, used in any process attached to Ray (actors, Serve replicas,
+  a driver after ``ray.init``). Ray aggregates every worker of a node in its per-node metrics
+  agent, which serves ``/metrics`` on the node's ``metrics_export_port``: one scrape target per
+  node, next to Ray's and Serve's own metrics. Ray prefixes the names with ``ray_``; the
+  scrape config (monitoring/prometheus.yml) renames ``ray_omnizip_*`` back to ``omnizip_*``.
+- ``prometheus``: ``prometheus_client`` in this process, exported by :func:`start_exporter`;
+  for processes outside Ray (a CLI run without Ray, benchmarks, tests).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+__all__ = ["SPECS", "STAGES", "MODALITIES", "DROP_REASONS", "RECONNECT_COMPONENTS", "Metrics",
+           "get_metrics", "start_exporter", "exported_names"]
+
+PREFIX = "omnizip_"
+STAGES = ("decode", "encode", "compress", "prefill")
+MODALITIES = ("audio", "video")
+DROP_REASONS = ("behind_live", "queue_full", "error")
+RECONNECT_COMPONENTS = ("source", "redis", "actor")
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+RATE_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
+BATCH_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+
+Kind = Literal["counter", "gauge", "histogram"]
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric. ``name`` is the base name; counters are exported with ``_total``."""
+
+    name: str
+    kind: Kind
+    doc: str
+    labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] = ()
+
+
+SPECS: tuple[MetricSpec, ...] = (
+    MetricSpec("omnizip_window_latency_seconds", "histogram",
+               "Wall time one window spends in a pipeline stage.", ("stage",), LATENCY_BUCKETS),
+    MetricSpec("omnizip_tokens_in", "counter",
+               "Tokens produced by the encoders before compression.", ("stream", "modality")),
+    MetricSpec("omnizip_tokens_kept", "counter",
+               "Tokens kept by OmniZip and appended to the context.", ("stream", "modality")),
+    MetricSpec("omnizip_compression_ratio", "gauge",
+               "Tokens kept / tokens in over the stream's last window (lower = more compression).",
+               ("stream",)),
+    MetricSpec("omnizip_stream_lag_seconds", "gauge",
+               "How far the stream's newest context window is behind live, in seconds.",
+               ("stream",)),
+    MetricSpec("omnizip_dropped_windows", "counter",
+               "Windows dropped instead of entering the context, by reason.", ("stream", "reason")),
+    MetricSpec("omnizip_reconnects", "counter",
+               "Reconnections after a lost source, Redis connection or actor.",
+               ("component", "stream")),
+    MetricSpec("omnizip_context_tokens", "gauge",
+               "Tokens in the stream's rolling decoder context.", ("stream",)),
+    MetricSpec("omnizip_answer_ttft_seconds", "histogram",
+               "Time from a question to its first answer token.", (), LATENCY_BUCKETS),
+    MetricSpec("omnizip_answer_tokens_per_second", "histogram",
+               "Answer decoding speed after the first token.", (), RATE_BUCKETS),
+    MetricSpec("omnizip_queue_depth", "gauge",
+               "Items waiting in a bounded queue.", ("queue",)),
+    MetricSpec("omnizip_encoder_batch_size", "histogram",
+               "Windows per encoder call (several streams batched).", (), BATCH_BUCKETS),
+)
+_BY_NAME = {s.name: s for s in SPECS}
+
+
+def exported_names() -> list[str]:
+    """The sample names Prometheus holds (after the scrape config's renaming)."""
+    out = []
+    for s in SPECS:
+        if s.kind == "counter":
+            out.append(s.name + "_total")
+        elif s.kind == "histogram":
+            out += [s.name + "_bucket", s.name + "_sum", s.name + "_count"]
+        else:
+            out.append(s.name)
+    return out
+
+
+class _PromBackend:
+    def __init__(self, registry: Any = None) -> None:
+        import prometheus_client as pc
+        self.registry = registry if registry is not None else pc.REGISTRY
+        self.m: dict[str, Any] = {}
+        for s in SPECS:
+            if s.kind == "counter":
+                self.m[s.name] = pc.Counter(s.name, s.doc, s.labels, registry=self.registry)
+            elif s.kind == "gauge":
+                self.m[s.name] = pc.Gauge(s.name, s.doc, s.labels, registry=self.registry)
+            else:
+                self.m[s.name] = pc.Histogram(s.name, s.doc, s.labels, buckets=s.buckets,
+                                              registry=self.registry)
+
+    def _child(self, name: str, tags: Mapping[str, str]) -> Any:
+        m = self.m[name]
+        return m.labels(**tags) if _BY_NAME[name].labels else m
+
+    def inc(self, name: str, value: float, tags: Mapping[str, str]) -> None:
+        self._child(name, tags).inc(value)
+
+    def set(self, name: str, value: float, tags: Mapping[str, str]) -> None:
+        self._child(name, tags).set(value)
+
+    def observe(self, name: str, value: float, tags: Mapping[str, str]) -> None:
+        self._child(name, tags).observe(value)
+
+    def forget(self, label: str, value: str) -> None:
+        for s in SPECS:
+            if label in s.labels:
+                m = self.m[s.name]
+                for key in list(m._metrics):  # no public API lists a metric's children
+                    if key[s.labels.index(label)] == value:
+                        m.remove(*key)
+
+
+class _RayBackend:
+    def __init__(self) -> None:
+        from ray.util import metrics as rm
+        self.m: dict[str, Any] = {}
+        for s in SPECS:
+            tags = s.labels or None
+            if s.kind == "counter":
+                self.m[s.name] = rm.Counter(s.name, description=s.doc, tag_keys=tags)
+            elif s.kind == "gauge":
+                self.m[s.name] = rm.Gauge(s.name, description=s.doc, tag_keys=tags)
+            else:
+                self.m[s.name] = rm.Histogram(s.name, description=s.doc,
+                                              boundaries=list(s.buckets), tag_keys=tags)
+
+    def inc(self, name: str, value: float, tags: Mapping[str, str]) -> None:
+        self.m[name].inc(value, tags=dict(tags) or None)
+
+    def set(self, name: str, value: float, tags: Mapping[str, str]) -> None:
+        self.m[name].set(value, tags=dict(tags) or None)
+
+    def observe(self, name: str, value: float, tags: Mapping[str, str]) -> None:
+        self.m[name].observe(value, tags=dict(tags) or None)
+
+    def forget(self, label: str, value: str) -> None:
+        # Ray cannot drop a series; zero the stream's gauges so dashboards do not show stale values
+        for s in SPECS:
+            if s.kind == "gauge" and s.labels == (label,):
+                self.m[s.name].set(0.0, tags={label: value})
+
+
+def _check(value: str, allowed: Sequence[str], what: str) -> str:
+    if value not in allowed:
+        raise ValueError(f"{what} must be one of {list(allowed)}, got {value!r}")
+    return value
+
+
+def _num(value: float, what: str, minimum: float = 0.0) -> float:
+    v = float(value)
+    if not v >= minimum:  # also rejects NaN
+        raise ValueError(f"{what} must be a number >= {minimum}, got {value!r}")
+    return v
+
+
+class Metrics:
+    """Typed recording helpers over one backend; safe to call from many threads."""
+
+    def __init__(self, backend: Literal["prometheus", "ray"] = "prometheus",
+                 registry: Any = None) -> None:
+        if backend == "prometheus":
+            self._b: Any = _PromBackend(registry)
+        elif backend == "ray":
+            if registry is not None:
+                raise ValueError("registry only applies to the prometheus backend")
+            self._b = _RayBackend()
+        else:
+            raise ValueError(f"backend must be 'prometheus' or 'ray', got {backend!r}")
+        self.backend = backend
+
+    @property
+    def registry(self) -> Any:
+        """The prometheus_client registry (prometheus backend only)."""
+        return getattr(self._b, "registry", None)
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        self._b.observe("omnizip_window_latency_seconds", _num(seconds, "seconds"),
+                        {"stage": _check(stage, STAGES, "stage")})
+
+    def record_window(self, stream: str, tokens_in: Mapping[str, int],
+                      tokens_kept: Mapping[str, int]) -> None:
+        """Count one compressed window's tokens per modality and set the stream's ratio."""
+        total_in = total_kept = 0.0
+        for modality in set(tokens_in) | set(tokens_kept):
+            _check(modality, MODALITIES, "modality")
+            n_in = _num(tokens_in.get(modality, 0), f"tokens_in[{modality!r}]")
+            n_kept = _num(tokens_kept.get(modality, 0), f"tokens_kept[{modality!r}]")
+            if n_kept > n_in:
+                raise ValueError(f"tokens_kept[{modality!r}]={n_kept} exceeds tokens_in={n_in}")
+            tags = {"stream": stream, "modality": modality}
+            self._b.inc("omnizip_tokens_in", n_in, tags)
+            self._b.inc("omnizip_tokens_kept", n_kept, tags)
+            total_in += n_in
+            total_kept += n_kept
+        if total_in > 0:
+            self._b.set("omnizip_compression_ratio", total_kept / total_in, {"stream": stream})
+
+    def set_lag(self, stream: str, seconds: float) -> None:
+        self._b.set("omnizip_stream_lag_seconds", _num(seconds, "lag seconds", float("-inf")),
+                    {"stream": stream})
+
+    def drop_window(self, stream: str, reason: str, n: int = 1) -> None:
+        self._b.inc("omnizip_dropped_windows", _num(n, "n"),
+                    {"stream": stream, "reason": _check(reason, DROP_REASONS, "reason")})
+
+    def reconnect(self, component: str, stream: str = "") -> None:
+        self._b.inc("omnizip_reconnects", 1.0, {
+            "component": _check(component, RECONNECT_COMPONENTS, "component"), "stream": stream})
+
+    def set_context_tokens(self, stream: str, n: int) -> None:
+        self._b.set("omnizip_context_tokens", _num(n, "context tokens"), {"stream": stream})
+
+    def observe_answer(self, ttft_s: float, n_tokens: int, total_s: float) -> None:
+        """One answer: time to its first token, and tokens/s over the rest of it."""
+        ttft = _num(ttft_s, "ttft_s")
+        total = _num(total_s, "total_s", ttft)
+        self._b.observe("omnizip_answer_ttft_seconds", ttft, {})
+        n = _num(n_tokens, "n_tokens")
+        if n > 1 and total > ttft:
+            self._b.observe("omnizip_answer_tokens_per_second", (n - 1) / (total - ttft), {})
+
+    def set_queue_depth(self, queue: str, n: int) -> None:
+        self._b.set("omnizip_queue_depth", _num(n, "queue depth"), {"queue": queue})
+
+    def observe_batch(self, size: int) -> None:
+        self._b.observe("omnizip_encoder_batch_size", _num(size, "batch size", 1.0), {})
+
+    def forget_stream(self, stream: str) -> None:
+        """A deleted stream's series stop being exported (prometheus) or read 0 (ray)."""
+        self._b.forget("stream", stream)
+
+
+_lock = threading.Lock()
+_default: dict[str, Metrics] = {}
+
+
+def _auto_backend() -> str:
+    forced = os.environ.get("OMNIZIP_METRICS_BACKEND")
+    if forced:
+        return forced
+    try:
+        import ray
+        return "ray" if ray.is_initialized() else "prometheus"
+    except ImportError:
+        return "prometheus"
+
+
+def get_metrics(backend: str | None = None) -> Metrics:
+    """This process's :class:`Metrics` (created on first use): the ``ray`` backend when the
+    process is attached to Ray, else ``prometheus``; ``OMNIZIP_METRICS_BACKEND`` overrides."""
+    name = backend or _auto_backend()
+    with _lock:
+        if name not in _default:
+            _default[name] = Metrics(name)  # type: ignore[arg-type]
+        return _default[name]
+
+
+def start_exporter(port: int, addr: str = "0.0.0.0", registry: Any = None) -> tuple[Any, Any]:
+    """Serve ``/metrics`` of the prometheus backend on ``addr:port``; returns (server, thread).
+    Processes attached to Ray need none: the node's Ray metrics agent exports them."""
+    import prometheus_client as pc
+    if registry is None:
+        registry = get_metrics("prometheus").registry
+    return pc.start_http_server(port, addr=addr, registry=registry)

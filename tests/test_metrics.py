@@ -1,0 +1,119 @@
+"""pipeline.metrics with the prometheus_client backend, scraped over HTTP from a real exporter."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from pipeline import metrics as pm
+from redis_helpers import free_port
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    """{(sample name, sorted labels): value} from a real /metrics endpoint."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+@pytest.fixture
+def exported():
+    """A Metrics on its own registry, served by start_exporter on a free port."""
+    reg = CollectorRegistry()
+    m = pm.Metrics("prometheus", registry=reg)
+    port = free_port()
+    server, thread = pm.start_exporter(port, addr="127.0.0.1", registry=reg)
+    yield m, port
+    server.shutdown()
+    server.server_close()
+
+
+def test_specs_cover_issue_5_and_share_the_prefix():
+    names = {s.name for s in pm.SPECS}
+    assert all(n.startswith("omnizip_") for n in names) and len(names) == len(pm.SPECS) == 12
+    kinds = {s.name: s.kind for s in pm.SPECS}
+    assert kinds["omnizip_window_latency_seconds"] == "histogram"
+    assert kinds["omnizip_answer_ttft_seconds"] == "histogram"
+    assert kinds["omnizip_tokens_in"] == kinds["omnizip_dropped_windows"] == "counter"
+    assert "omnizip_tokens_in_total" in pm.exported_names()
+    assert "omnizip_encoder_batch_size_bucket" in pm.exported_names()
+    # every latency is a histogram in seconds
+    assert all(s.kind == "histogram" for s in pm.SPECS if s.name.endswith("_seconds")
+               and "lag" not in s.name)
+
+
+def test_every_helper_lands_in_the_scrape(exported):
+    m, port = exported
+    m.observe_stage("encode", 0.3)
+    m.observe_stage("encode", 0.02)
+    m.record_window("cam1", {"audio": 50, "video": 400}, {"audio": 30, "video": 90})
+    m.record_window("cam1", {"audio": 50, "video": 400}, {"audio": 25, "video": 110})
+    m.set_lag("cam1", 1.25)
+    m.drop_window("cam1", "behind_live")
+    m.drop_window("cam1", "queue_full", n=2)
+    m.reconnect("source", "cam1")
+    m.reconnect("redis")
+    m.set_context_tokens("cam1", 4321)
+    m.observe_answer(ttft_s=0.4, n_tokens=21, total_s=2.4)
+    m.set_queue_depth("encoder-0", 3)
+    m.observe_batch(4)
+    got = scrape(port)
+
+    def v(name, **labels):
+        return got[(name, tuple(sorted(labels.items())))]
+
+    assert v("omnizip_window_latency_seconds_count", stage="encode") == 2
+    assert v("omnizip_window_latency_seconds_bucket", stage="encode", le="0.25") == 1
+    assert v("omnizip_tokens_in_total", stream="cam1", modality="video") == 800
+    assert v("omnizip_tokens_kept_total", stream="cam1", modality="audio") == 55
+    assert v("omnizip_compression_ratio", stream="cam1") == pytest.approx(135 / 450)
+    assert v("omnizip_stream_lag_seconds", stream="cam1") == 1.25
+    assert v("omnizip_dropped_windows_total", stream="cam1", reason="queue_full") == 2
+    assert v("omnizip_reconnects_total", component="redis", stream="") == 1
+    assert v("omnizip_context_tokens", stream="cam1") == 4321
+    assert v("omnizip_answer_ttft_seconds_sum") == pytest.approx(0.4)
+    assert v("omnizip_answer_tokens_per_second_sum") == pytest.approx(10.0)  # 20 tokens in 2 s
+    assert v("omnizip_queue_depth", queue="encoder-0") == 3
+    assert v("omnizip_encoder_batch_size_bucket", le="4.0") == 1
+    present = {name for name, _ in got}
+    assert set(pm.exported_names()) <= present
+
+
+def test_forget_stream_drops_its_series(exported):
+    m, port = exported
+    for s in ("a", "b"):
+        m.record_window(s, {"audio": 10}, {"audio": 5})
+        m.set_lag(s, 0.5)
+    m.forget_stream("a")
+    streams = {dict(labels).get("stream") for (name, labels) in scrape(port)
+               if name.startswith("omnizip_") and "stream" in dict(labels)}
+    assert streams == {"b"}
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda m: m.observe_stage("upload", 1.0), "stage"),
+    (lambda m: m.observe_stage("encode", -1.0), "seconds"),
+    (lambda m: m.observe_stage("encode", float("nan")), "seconds"),
+    (lambda m: m.record_window("s", {"text": 3}, {"text": 1}), "modality"),
+    (lambda m: m.record_window("s", {"audio": 3}, {"audio": 4}), "exceeds"),
+    (lambda m: m.drop_window("s", "bored"), "reason"),
+    (lambda m: m.reconnect("gpu"), "component"),
+    (lambda m: m.observe_answer(ttft_s=2.0, n_tokens=3, total_s=1.0), "total_s"),
+    (lambda m: m.observe_batch(0), "batch size"),
+])
+def test_bad_values_are_rejected(call, match):
+    m = pm.Metrics("prometheus", registry=CollectorRegistry())
+    with pytest.raises(ValueError, match=match):
+        call(m)
+
+
+def test_backend_choice(monkeypatch):
+    with pytest.raises(ValueError, match="backend"):
+        pm.Metrics("statsd")
+    monkeypatch.setenv("OMNIZIP_METRICS_BACKEND", "prometheus")
+    m = pm.get_metrics()
+    assert m.backend == "prometheus" and pm.get_metrics() is m  # one per process
