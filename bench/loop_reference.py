@@ -112,6 +112,7 @@ def reference_compress(audio, scores, video, audio_group_sizes, video_group_fram
             frame = _unit(v[f])
             if t % 2 == 0:
                 dist = 1 - frame @ frame.T
+                dist = (dist + dist.T) / 2  # d(i, j) and d(j, i) are one number
                 k = min(cfg.knn_k, p - 1)
                 rho, delta = [], []
                 for i in range(p):

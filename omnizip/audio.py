@@ -51,6 +51,11 @@ def anchor_count(num_tokens: int, num_rest: int, contextual_ratio: float) -> int
     return min(round(contextual_ratio * num_tokens), num_rest)
 
 
+def kept_fraction(num_tokens: int, n_dominant: int, contextual_ratio: float) -> float:
+    """Audio kept fraction (dominant + anchors) that ``n_dominant`` dominant tokens give."""
+    return (n_dominant + anchor_count(num_tokens, num_tokens - n_dominant, contextual_ratio)) / num_tokens
+
+
 def select_audio(
     audio: torch.Tensor,
     scores: torch.Tensor,
@@ -112,12 +117,13 @@ def select_audio(
 class DominanceTracker:
     """Causal replacement for the global dominant top-k (SPEC section 4).
 
-    A window's dominant tokens are those scoring above the ``rho_audio``-quantile of the
+    A window's *salient* tokens are those scoring above the ``rho_audio``-quantile of the
     scores seen in the last ``history`` windows (plus this window and any lookahead), so a
-    window of salient audio keeps more than a quiet one. A small integral correction steers
-    the running kept count (dominant + anchors) to its target, so the kept fraction holds
-    over any stretch of windows even when the score distribution drifts. The first window
-    has no history and falls back to its own top-k.
+    window of salient audio has more of them than a quiet one; that count is the window's
+    audio density, which guides its video budget. The number of dominant tokens actually
+    kept adds what the recent windows fell short of their target (dominant + anchors), so
+    the kept fraction holds over any stretch of windows even when the scores drift. The
+    first window has no history and falls back to its own top-k.
     """
 
     def __init__(self, rho_audio: float, contextual_ratio: float, history: int) -> None:
@@ -127,16 +133,18 @@ class DominanceTracker:
         self.scores: list[torch.Tensor] = []  # float64 CPU, one per past window
         self.kept: list[int] = []
 
-    def plan(self, scores: torch.Tensor, lookahead: list[torch.Tensor]) -> tuple[int, list[int]]:
-        """Dominant count for this window, and estimates for the lookahead windows."""
+    def salient_counts(self, scores: torch.Tensor, lookahead: list[torch.Tensor]) -> list[int]:
+        """Salient tokens in this window and in each lookahead window."""
         if not any(s.numel() for s in self.scores):
-            own = [dominant_count(s.shape[0], self.rho_audio) for s in [scores, *lookahead]]
-            return own[0], own[1:]
-        current, *ahead = (s.detach().to("cpu", torch.float64) for s in [scores, *lookahead])
-        threshold = torch.quantile(torch.cat([*self.scores, current, *ahead]), self.rho_audio)
-        above = [int((s > threshold).sum()) for s in [current, *ahead]]
+            return [dominant_count(s.shape[0], self.rho_audio) for s in [scores, *lookahead]]
+        windows = [s.detach().to("cpu", torch.float64) for s in [scores, *lookahead]]
+        threshold = torch.quantile(torch.cat([*self.scores, *windows]), self.rho_audio)
+        return [int((s > threshold).sum()) for s in windows]
+
+    def dominant_count(self, salient: int, num_tokens: int) -> int:
+        """Dominant tokens to keep: the salient ones plus what the recent windows owe."""
         owed = self.target_fraction * sum(s.numel() for s in self.scores) - sum(self.kept)
-        return max(0, min(scores.shape[0], above[0] + round(owed))), above[1:]
+        return max(0, min(num_tokens, salient + round(owed)))
 
     def record(self, scores: torch.Tensor, kept: int) -> None:
         self.scores.append(scores.detach().to("cpu", torch.float64))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .audio import DominanceTracker, VideoRef, anchor_count, select_audio
+from .audio import DominanceTracker, VideoRef, kept_fraction, select_audio
 from .budget import VideoRatioController, base_ratio
 from .compress import compress_groups, group_retention
 from .config import OmniZipConfig
@@ -113,21 +113,24 @@ class StreamCompressor:
         ahead = self._pending if self.lookahead is None else self._pending[: self.lookahead]
         frames = window.video.to(work_dtype(window.video))
         inv = inverse_norm(frames)
-        n_dom, ahead_dom = self._dominance.plan(window.scores, [w.scores for w in ahead])
+        salient, *ahead_salient = self._dominance.salient_counts(window.scores, [w.scores for w in ahead])
+        num_audio = window.scores.shape[0]
+        n_dom = self._dominance.dominant_count(salient, num_audio)
         sel = select_audio(window.audio, window.scores, n_dom, cfg.contextual_ratio, cfg.g, VideoRef.from_frames(frames, inv))
-        num_audio, kept_audio = window.scores.shape[0], int(sel.keep.sum())
         num_video = frames.shape[0] * frames.shape[1]
         ratio = cfg.rho_video
         if num_audio:
-            b = base_ratio(kept_audio / num_audio, cfg)
+            # The video budget follows this window's own audio density (its salient tokens),
+            # not the catch-up that keeps the audio total on target.
+            b = base_ratio(kept_fraction(num_audio, salient, cfg.contextual_ratio), cfg)
             estimates = [
-                (base_ratio((n + anchor_count(na, na - n, cfg.contextual_ratio)) / na, cfg), w.video.shape[0] * w.video.shape[1])
-                for w, n in zip(ahead, ahead_dom)
+                (base_ratio(kept_fraction(na, n, cfg.contextual_ratio), cfg), w.video.shape[0] * w.video.shape[1])
+                for w, n in zip(ahead, ahead_salient)
                 if (na := w.scores.shape[0])
             ]
             ratio = self._controller.ratio(b, num_video, estimates)
         video_keep = self._video_keep(frames, inv, ratio)
-        self._dominance.record(window.scores, kept_audio)
+        self._dominance.record(window.scores, int(sel.keep.sum()))
         if num_audio:
             self._controller.record(b, num_video, num_video - int(video_keep.sum()))
         return WindowOutput(window.index, sel.keep, sel.audio, video_keep, ratio)

@@ -32,7 +32,9 @@ def dpc_knn_scores(frames: torch.Tensor, inv_norm: torch.Tensor, knn_k: int) -> 
     """``rho * delta`` per token for a batch of frames [E, P, D] (P >= 2)."""
     num_tokens = frames.shape[1]
     cosine = torch.bmm(frames, frames.transpose(1, 2)) * inv_norm.unsqueeze(2) * inv_norm.unsqueeze(1)
-    dist = 1.0 - cosine
+    # Exactly symmetric, so tokens of mathematically equal density (mutual nearest neighbours
+    # when k = 1) compare equal and neither counts as "strictly denser" by rounding noise.
+    dist = 1.0 - (cosine + cosine.transpose(1, 2)) * 0.5
     self_pair = torch.eye(num_tokens, dtype=torch.bool, device=frames.device)
     k = min(knn_k, num_tokens - 1)
     nearest = torch.topk(dist.masked_fill(self_pair, float("inf")), k, dim=-1, largest=False).values
