@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import queue
 import re
@@ -212,8 +213,8 @@ class Source:
         if self.spec.kind == "rtsp":
             opts["rtsp_transport"] = o.rtsp_transport
             if o.listen:
-                opts["rtsp_flags"] = "listen"
-                opts["timeout"] = str(max(1, int(round(o.open_timeout_s))))  # listen wait, in s
+                opts["rtsp_flags"] = "listen"  # wait for a pusher, in whole seconds
+                opts["listen_timeout"] = str(max(1, math.ceil(o.open_timeout_s)))
         elif self.spec.kind in ("http", "hls"):
             opts["rw_timeout"] = str(int(o.read_timeout_s * 1e6))
         elif self.spec.kind == "v4l2":
@@ -223,23 +224,31 @@ class Source:
 
     def _open_one(self, target: str, fmt: str | None, opts: dict[str, str]) -> Any:
         o = self.options
+        t0 = time.monotonic()
         try:
             c = av.open(target, mode="r", format=fmt, options=opts,
                         timeout=(o.open_timeout_s, o.read_timeout_s))
-        except av.error.ExitError as e:  # the interrupt callback fired: the timeout ran out
-            raise SourceTimeoutError(f"{self.url}: no answer within {o.open_timeout_s:g} s", self.url) from e
-        except (av.error.TimeoutError, TimeoutError) as e:
-            raise SourceTimeoutError(f"{self.url}: timed out ({e})", self.url) from e
-        except (av.error.FileNotFoundError, FileNotFoundError) as e:
-            raise SourceUnavailableError(f"{self.url}: not found ({e})", self.url) from e
-        except av.error.InvalidDataError as e:
-            raise NotMediaError(f"{self.url}: not a media file or stream ({e})", self.url) from e
-        except (av.FFmpegError, OSError) as e:
-            raise SourceUnavailableError(f"{self.url}: cannot open ({type(e).__name__}: {e})", self.url) from e
+        except Exception as e:
+            # When PyAV's interrupt callback cuts a blocking open, the demuxer reports whatever
+            # its half-read state gives (EIO, invalid data, ...): the clock tells what happened.
+            if (isinstance(e, (av.error.ExitError, av.error.TimeoutError, TimeoutError))
+                    or time.monotonic() - t0 >= 0.95 * o.open_timeout_s):
+                raise SourceTimeoutError(
+                    f"{self.url}: no answer within {o.open_timeout_s:g} s ({type(e).__name__})", self.url) from e
+            self._raise_open_error(e)
         if c.format.name == "tty":  # ffmpeg's ANSI-art demuxer happily "opens" text files
             c.close()
             raise NotMediaError(f"{self.url}: a text file, not media", self.url)
         return c
+
+    def _raise_open_error(self, e: Exception) -> None:
+        if isinstance(e, (av.error.FileNotFoundError, FileNotFoundError)):
+            raise SourceUnavailableError(f"{self.url}: not found ({e})", self.url) from e
+        if isinstance(e, av.error.InvalidDataError):
+            raise NotMediaError(f"{self.url}: not a media file or stream ({e})", self.url) from e
+        if isinstance(e, (av.FFmpegError, OSError)):
+            raise SourceUnavailableError(f"{self.url}: cannot open ({type(e).__name__}: {e})", self.url) from e
+        raise e
 
     def _open_containers(self) -> None:
         o = self.options

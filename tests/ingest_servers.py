@@ -1,0 +1,117 @@
+"""Real servers for the live ingestion tests, all on 127.0.0.1: GStreamer's RTSP server (run with
+Debian's python3, where python3-gi lives), an ffmpeg RTSP pusher, and a silent TCP listener."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gst_rtsp_available() -> str | None:
+    """None if the GStreamer RTSP server can run here, else why not."""
+    if not os.path.exists(SYSTEM_PYTHON):
+        return f"{SYSTEM_PYTHON} missing"
+    r = subprocess.run([SYSTEM_PYTHON, "-c", "import gi; gi.require_version('GstRtspServer', '1.0'); "
+                        "from gi.repository import GstRtspServer"], capture_output=True, text=True)
+    return None if r.returncode == 0 else "python3-gi / gir1.2-gst-rtsp-server-1.0 not installed"
+
+
+class RtspServer:
+    """tests/rtsp_server.py in a subprocess; start() waits until it prints READY."""
+
+    def __init__(self, port: int, codec: str = "opus") -> None:
+        self.port, self.codec = port, codec
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"rtsp://127.0.0.1:{self.port}/live"
+
+    def start(self, timeout: float = 20.0) -> "RtspServer":
+        self.proc = subprocess.Popen(
+            [SYSTEM_PYTHON, str(HERE / "rtsp_server.py"), "--port", str(self.port), "--codec", self.codec],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        ready = threading.Event()
+        threading.Thread(target=lambda: self.proc.stdout.readline().startswith("READY") and ready.set(),
+                         daemon=True).start()
+        if not ready.wait(timeout):
+            err = self.kill()
+            raise RuntimeError(f"RTSP server on port {self.port} did not start: {err}")
+        return self
+
+    def kill(self) -> str:
+        """SIGKILL (an abrupt death, as a crashing camera); returns its stderr."""
+        if self.proc is None:
+            return ""
+        p, self.proc = self.proc, None
+        with contextlib.suppress(ProcessLookupError):
+            p.send_signal(signal.SIGKILL)
+        _, err = p.communicate(timeout=10)
+        return err or ""
+
+
+def ffmpeg_push(url: str, seconds: float, *, tries_for: float = 10.0) -> subprocess.Popen:
+    """ffmpeg pushing a live test pattern with a tone (H.264 + AAC) to an RTSP listener.
+
+    The listener may not be up yet: retry until ffmpeg stays connected."""
+    cmd = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-re",
+           "-f", "lavfi", "-i", f"testsrc2=size=320x240:rate=25:duration={seconds}",
+           "-f", "lavfi", "-i", f"sine=f=440:sample_rate=44100:duration={seconds}",
+           "-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency", "-g", "25",
+           "-c:a", "aac", "-f", "rtsp", "-rtsp_transport", "tcp", url]
+    deadline = time.monotonic() + tries_for
+    while True:
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            p.wait(0.7)
+        except subprocess.TimeoutExpired:
+            return p  # still running: connected and pushing
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"ffmpeg could not push to {url}: {p.stderr.read()}")
+        time.sleep(0.2)
+
+
+class SilentTcpServer:
+    """Accepts TCP connections and never answers: a host that hangs."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self._stop = False
+        self._t = threading.Thread(target=self._accept, daemon=True)
+        self._t.start()
+
+    def _accept(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self._stop:
+            with contextlib.suppress(OSError):
+                self.conns.append(self.sock.accept()[0])
+
+    def close(self) -> None:
+        self._stop = True
+        self._t.join(2)
+        for c in self.conns:
+            c.close()
+        self.sock.close()
+
+
+def have_ffmpeg() -> bool:
+    return shutil.which("ffmpeg") is not None
