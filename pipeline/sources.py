@@ -58,7 +58,7 @@ class SourceOptions:
     """How to open a source and how strict the window timing is (all times in seconds)."""
 
     open_timeout_s: float = 8.0  # connect + probe; also the listen wait in RTSP listen mode
-    read_timeout_s: float = 8.0  # a live source silent this long counts as lost
+    read_timeout_s: float = 8.0  # a live source silent this long (RTSP: up to twice) is lost
     rtsp_transport: str = "tcp"  # or "udp"
     listen: bool = False  # rtsp:// only: be the server a pusher (ffmpeg -f rtsp) sends to
     audio_device: str | None = None  # paired audio input, "alsa:hw:1", "pulse:default", "lavfi:..."

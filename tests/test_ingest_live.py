@@ -2,13 +2,16 @@
 ffmpeg pushing to a PyAV RTSP listener, and a server killed mid-stream and restarted."""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import threading
-import time
 
 import numpy as np
 import pytest
 
-from ingest_servers import RtspServer, ffmpeg_push, free_port, gst_rtsp_available, have_ffmpeg
+import media_fixtures as mf
+from ingest_servers import HttpServer, RtspServer, ffmpeg_push, free_port, gst_rtsp_available, have_ffmpeg
 from pipeline.errors import SourceUnavailableError
 from pipeline.sources import Backoff, Source
 from pipeline.windows import AVWindow, iter_windows
@@ -144,3 +147,55 @@ def test_reconnect_gives_up_with_typed_error(rtsp_server):
     assert [w.index for w in ws] == list(range(len(ws))) and len(ws) >= 1
     check_live_window(ws[0], 0)
     assert len(ws) == 1 or ws[-1].final  # what had arrived was flushed before the error
+
+
+@needs_gst
+def test_stalled_server_times_out_and_reconnects(rtsp_server):
+    """A server that stops answering (SIGSTOP) is not waited on forever: the read timeout
+    declares it lost, reconnect attempts time out until it resumes, then the stream goes on."""
+    srv = rtsp_server("opus")
+    pid = srv.proc.pid
+    opts = {"open_timeout_s": 2, "read_timeout_s": 1.5,
+            "reconnect": {"initial_s": 0.2, "factor": 2.0, "cap_s": 1.0, "max_attempts": 20}}
+    ws: list[AVWindow] = []
+    resume = threading.Timer(5.0, lambda: os.kill(pid, signal.SIGCONT))
+    try:
+        for w in iter_windows(srv.url, options=opts):
+            ws.append(w)
+            if w.index == 0:
+                os.kill(pid, signal.SIGSTOP)
+                resume.start()
+            if w.reconnects >= 1 and not w.gap:
+                break
+            assert len(ws) < 20, "no clean window after the stall"
+    finally:
+        resume.join()
+    assert [w.index for w in ws] == list(range(len(ws)))
+    assert ws[-1].reconnects >= 1
+    assert any(w.audio_gap and w.video_gap for w in ws[1:])
+
+
+@pytest.fixture(scope="module")
+def http_media(tmp_path_factory):
+    d = tmp_path_factory.mktemp("http")
+    mf.make(d, "faststart.mp4")
+    (d / "hls").mkdir()
+    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-i", str(d / "faststart.mp4"),
+                    "-c", "copy", "-f", "hls", "-hls_time", "2", "-hls_playlist_type", "vod",
+                    str(d / "hls" / "index.m3u8")], check=True, timeout=60)
+    srv = HttpServer(d)
+    yield srv
+    srv.close()
+
+
+@pytest.mark.parametrize("name", ["faststart.mp4", "hls/index.m3u8"])
+def test_http_media_and_hls(http_media, name):
+    with Source(http_media.url(name), {"open_timeout_s": 5}) as src:
+        assert src.spec.kind == ("hls" if name.endswith("m3u8") else "http")
+        assert src.live is False  # a VOD: it has a duration, so it ends instead of reconnecting
+        ws = list(iter_windows(src))
+    assert [w.index for w in ws] == [0, 1, 2]
+    for w in ws:
+        check_live_window(w, w.index, hw=(48, 64))
+        assert not (w.audio_gap or w.video_gap or w.final)
+        assert abs(tone_peak_hz(w.audio) - 440) < 2
