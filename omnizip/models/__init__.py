@@ -8,7 +8,7 @@ import torch
 
 from .errors import InputShapeError, ModelLoadError
 from .presets import PRESETS
-from .window import CompressedWindow, EncodedWindow, compress_encoded
+from .window import CompressedWindow, EncodedWindow, compress_encoded, compress_with
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -39,5 +39,18 @@ def load_model(name_or_path: str | Path, device: str | torch.device = "cpu",
     return load_checkpoint(name_or_path, device, dt)
 
 
+def __getattr__(name: str):
+    """Heavy classes on first use, so `CompressedWindow` users do not import the modeling code."""
+    if name == "RollingContext":
+        from .rolling import RollingContext
+
+        return RollingContext
+    if name == "Qwen25OmniAdapter":
+        from .qwen2_5_omni import Qwen25OmniAdapter
+
+        return Qwen25OmniAdapter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = ["load_model", "parse_dtype", "PRESETS", "CompressedWindow", "EncodedWindow", "compress_encoded",
-           "ModelLoadError", "InputShapeError"]
+           "compress_with", "ModelLoadError", "InputShapeError", "RollingContext", "Qwen25OmniAdapter"]
