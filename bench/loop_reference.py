@@ -1,8 +1,10 @@
-"""A plain reading of SPEC sections 2.1-2.3, one anchor, one frame and one token at a time.
+"""A plain reading of SPEC sections 2.1-2.3 in torch, one anchor, one frame and one token at a time.
 
 It is the baseline that ``bench/compress.py`` times ``omnizip.compress_clip`` against, and an
-independent cross-check in the tests. Deliberately straightforward: no batching beyond the
-single cross-modal matrix product that any implementation needs."""
+independent cross-check in the tests. Written as the spec reads: the one cross-modal matrix
+product and each frame's distance matrix are single torch calls; every per-token step (assign
+to an anchor, a token's density, its delta, its temporal change) is a torch call on that
+token's row; per-anchor merging is a loop over anchors. No batching across tokens or frames."""
 from __future__ import annotations
 
 import math
@@ -47,8 +49,9 @@ def reference_compress(audio, scores, video, audio_group_sizes, video_group_fram
         v_flat = _unit(v.reshape(-1, v.shape[-1])) if num_frames * p else None
         cross_all = (a_unit[pool] @ v_flat.T).max(dim=1).values.tolist() if v_flat is not None else None
         assigned: dict[int, list[tuple[float, int]]] = {j: [] for j in range(len(anchors))}
+        anchor_unit = a_unit[anchors]
         for n, tok in enumerate(pool):
-            sims = [float(a_unit[tok] @ a_unit[anc]) for anc in anchors]
+            sims = (anchor_unit @ a_unit[tok]).tolist()
             best = max(range(len(anchors)), key=lambda j: (sims[j], -j))
             cross = cross_all[n] if cross_all is not None else max(sims)
             assigned[best].append((cross, tok))
@@ -114,17 +117,22 @@ def reference_compress(audio, scores, video, audio_group_sizes, video_group_fram
                 dist = 1 - frame @ frame.T
                 dist = (dist + dist.T) / 2  # d(i, j) and d(j, i) are one number
                 k = min(cfg.knn_k, p - 1)
-                rho, delta = [], []
-                for i in range(p):
-                    others = [float(dist[i, j]) for j in range(p) if j != i]
-                    rho.append(math.exp(-sum(sorted(others)[:k]) / k) if k else 1.0)
-                for i in range(p):
-                    higher = [float(dist[i, j]) for j in range(p) if rho[j] > rho[i]]
-                    delta.append(min(higher) if higher else max(float(dist[i, j]) for j in range(p) if j != i))
-                chosen = _top_indices([r * d for r, d in zip(rho, delta)], n_keep)
+                rho = torch.empty(p, dtype=work)
+                for i in range(p):  # density of each token from its k nearest others
+                    others = torch.cat([dist[i, :i], dist[i, i + 1:]])
+                    rho[i] = torch.exp(-torch.topk(others, k, largest=False).values.mean())
+                score = []
+                for i in range(p):  # distance to the nearest denser token, else the farthest one
+                    denser = rho > rho[i]
+                    if bool(denser.any()):
+                        delta = dist[i][denser].min()
+                    else:
+                        delta = torch.cat([dist[i, :i], dist[i, i + 1:]]).max()
+                    score.append(float(rho[i] * delta))
+                chosen = _top_indices(score, n_keep)
             else:
                 prev = _unit(v[f - 1])
-                cos = [float(frame[i] @ prev[i]) for i in range(p)]
+                cos = [float(frame[i] @ prev[i]) for i in range(p)]  # token by token
                 chosen = _top_indices(cos, n_keep, highest=False)
             keep_video[f, chosen] = True
         f0 += nf

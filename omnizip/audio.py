@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .ops import inverse_norm, top_k_mask, unit, work_dtype
+from .ops import inverse_norm, top_k_mask, work_dtype
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,11 @@ def select_audio(
     contextual_ratio: float,
     g: int,
     video: VideoRef | None,
+    audio_inv_norm: torch.Tensor | None = None,
 ) -> AudioSelection:
-    """SPEC 2.1 steps 1-5 over the given tokens. Inputs are left untouched."""
+    """SPEC 2.1 steps 1-5 over the given tokens. Inputs are left untouched.
+
+    ``audio_inv_norm``: ``1/(||a||+eps)`` per token, if the caller has it already."""
     num_tokens = scores.shape[0]
     keep = top_k_mask(scores, n_dominant)
     merged = audio.clone()
@@ -81,10 +84,12 @@ def select_audio(
     pool = rest[pool_mask]
     if pool.numel() == 0 or g == 0:
         return AudioSelection(keep, merged, anchors)
+    if audio_inv_norm is None:
+        audio_inv_norm = inverse_norm(audio.to(work_dtype(audio)))
 
     work = audio.to(work_dtype(audio))
-    pool_unit = unit(work[pool])
-    to_anchor = pool_unit @ unit(work[anchors]).T  # [n_pool, C]
+    pool_unit = work[pool] * audio_inv_norm[pool].unsqueeze(1)
+    to_anchor = pool_unit @ (work[anchors] * audio_inv_norm[anchors].unsqueeze(1)).T  # [n_pool, C]
     assigned = to_anchor.argmax(dim=1)  # first maximum = lower anchor index
     if video is None:
         cross = to_anchor.amax(dim=1)
@@ -101,16 +106,16 @@ def select_audio(
     chosen = order[rank < g]
     owner, s = assigned[chosen], cross[chosen]
 
-    # Softmax of the chosen scores inside each anchor's group, then the weighted merge.
+    # Softmax of the chosen scores inside each anchor's group, then the weighted merge as
+    # one small matrix product (weights [C, n_pool] @ pool tokens [n_pool, D]).
     peak = torch.full((n_anchor,), float("-inf"), dtype=s.dtype, device=s.device)
     peak = peak.scatter_reduce(0, owner, s, reduce="amax")
     e = torch.exp(s - peak[owner])
     z = torch.zeros(n_anchor, dtype=s.dtype, device=s.device).index_add_(0, owner, e)
-    w = e / z[owner]
-    w_sum = torch.zeros(n_anchor, dtype=w.dtype, device=w.device).index_add_(0, owner, w)
-    w_tokens = torch.zeros(n_anchor, work.shape[1], dtype=work.dtype, device=work.device)
-    w_tokens.index_add_(0, owner, w.unsqueeze(1) * work[pool[chosen]])
-    merged[anchors] = ((work[anchors] + w_tokens) / (1.0 + w_sum).unsqueeze(1)).to(audio.dtype)
+    weights = torch.zeros(n_anchor, pool.numel(), dtype=work.dtype, device=work.device)
+    weights[owner, chosen] = e / z[owner]
+    merged_anchors = (work[anchors] + weights @ work[pool]) / (1.0 + weights.sum(dim=1)).unsqueeze(1)
+    merged[anchors] = merged_anchors.to(audio.dtype)
     return AudioSelection(keep, merged, anchors)
 
 

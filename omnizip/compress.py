@@ -11,7 +11,7 @@ from .audio import VideoRef, dominant_count, select_audio
 from .budget import offline_video_ratios
 from .config import OmniZipConfig
 from .ops import inverse_norm, work_dtype
-from .validate import check_clip
+from .validate import check_clip, check_finite_norms
 from .video import istc_keep
 
 
@@ -51,6 +51,9 @@ def compress_groups(
     """The offline method on validated inputs (no emptiness requirement)."""
     frames = video.to(work_dtype(video))
     inv = inverse_norm(frames)
+    audio_inv = inverse_norm(audio.to(work_dtype(audio)))
+    check_finite_norms("video", inv)
+    check_finite_norms("audio", audio_inv)
     selection = select_audio(
         audio,
         audio_scores,
@@ -58,6 +61,7 @@ def compress_groups(
         cfg.contextual_ratio,
         cfg.g,
         VideoRef.from_frames(frames, inv),
+        audio_inv,
     )
     retention = group_retention(selection.keep, audio_group_sizes)
     tokens = [f * video.shape[1] for f in video_group_frames]

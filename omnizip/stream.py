@@ -16,7 +16,7 @@ from .budget import VideoRatioController, base_ratio
 from .compress import compress_groups, group_retention
 from .config import OmniZipConfig
 from .ops import inverse_norm, work_dtype
-from .validate import check_clip
+from .validate import check_clip, check_finite_norms
 from .video import istc_keep
 
 STATE_FORMAT = "omnizip.stream/1"
@@ -43,10 +43,22 @@ class WindowOutput:
 
 @dataclass(frozen=True)
 class _Window:
+    """A pushed window awaiting finalisation, with the norms computed when it was checked."""
+
     index: int
     audio: torch.Tensor
     scores: torch.Tensor
     video: torch.Tensor
+    audio_inv_norm: torch.Tensor
+    video_inv_norm: torch.Tensor
+
+    @classmethod
+    def checked(cls, index: int, audio: torch.Tensor, scores: torch.Tensor, video: torch.Tensor) -> "_Window":
+        audio_inv = inverse_norm(audio.detach().to(work_dtype(audio)))
+        video_inv = inverse_norm(video.detach().to(work_dtype(video)))
+        check_finite_norms("audio", audio_inv)
+        check_finite_norms("video", video_inv)
+        return cls(index, audio.detach(), scores.detach(), video.detach(), audio_inv, video_inv)
 
 
 class StreamCompressor:
@@ -78,7 +90,7 @@ class StreamCompressor:
         """Add one window (``[Na_i, D]``, ``[Na_i]``, ``[F_i, P, D]``); return the windows that became final."""
         check_clip(audio, audio_scores, video, [audio.shape[0]], [video.shape[0]], allow_empty=True)
         self._check_matches_stream(video)
-        self._pending.append(_Window(self._next_index, audio.detach(), audio_scores.detach(), video.detach()))
+        self._pending.append(_Window.checked(self._next_index, audio, audio_scores, video))
         self._next_index += 1
         done: list[WindowOutput] = []
         with torch.no_grad():
@@ -112,11 +124,14 @@ class StreamCompressor:
         window = self._pending.pop(0)
         ahead = self._pending if self.lookahead is None else self._pending[: self.lookahead]
         frames = window.video.to(work_dtype(window.video))
-        inv = inverse_norm(frames)
+        inv = window.video_inv_norm
         salient, *ahead_salient = self._dominance.salient_counts(window.scores, [w.scores for w in ahead])
         num_audio = window.scores.shape[0]
         n_dom = self._dominance.dominant_count(salient, num_audio)
-        sel = select_audio(window.audio, window.scores, n_dom, cfg.contextual_ratio, cfg.g, VideoRef.from_frames(frames, inv))
+        sel = select_audio(
+            window.audio, window.scores, n_dom, cfg.contextual_ratio, cfg.g,
+            VideoRef.from_frames(frames, inv), window.audio_inv_norm,
+        )
         num_video = frames.shape[0] * frames.shape[1]
         ratio = cfg.rho_video
         if num_audio:
@@ -190,7 +205,7 @@ class StreamCompressor:
         try:
             self._dominance.load_state_dict(state["audio_history"])
             self._controller.load_state_dict(state["video_history"])
-            self._pending = [_Window(int(w["index"]), w["audio"], w["scores"], w["video"]) for w in state["pending"]]
+            self._pending = [_Window.checked(int(w["index"]), w["audio"], w["scores"], w["video"]) for w in state["pending"]]
             self._next_index = int(state["next_index"])
         except (KeyError, TypeError) as exc:
             raise ValueError(f"state is incomplete or malformed: {exc!r}") from exc

@@ -14,18 +14,48 @@ import torch
 from .ops import top_k_mask
 
 
-def frames_keep_counts(
-    video_group_frames: Sequence[int], ratios: Sequence[float], tokens_per_frame: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per LLM frame: tokens to keep ``floor(P * (1 - ratio))`` (capped at P) and the frame's
-    position t inside its group (0 at the group's start)."""
-    per_group = [min(math.floor(tokens_per_frame * (1.0 - r)), tokens_per_frame) for r in ratios]
-    counts = torch.tensor(per_group, dtype=torch.long)
-    frames = torch.tensor(list(video_group_frames), dtype=torch.long)
-    n_keep = torch.repeat_interleave(counts, frames)
-    group_start = torch.repeat_interleave(torch.cumsum(frames, 0) - frames, frames)
-    t = torch.arange(int(frames.sum())) - group_start
-    return n_keep.to(device), t.to(device)
+def frame_plan(
+    video_group_frames: Sequence[int], ratios: Sequence[float], tokens_per_frame: int
+) -> tuple[list[int], list[int], list[int]]:
+    """Per LLM frame, the tokens to keep ``floor(P * (1 - ratio))`` (capped at P); and which
+    frames need spatial (even t) or temporal (odd t) scoring, t counted from each group's
+    start. Plain Python on the group lists: it decides shapes, so it never waits on a device."""
+    n_keep: list[int] = []
+    spatial: list[int] = []
+    temporal: list[int] = []
+    for frames, ratio in zip(video_group_frames, ratios):
+        keep = min(math.floor(tokens_per_frame * (1.0 - ratio)), tokens_per_frame)
+        if 0 < keep < tokens_per_frame:
+            first = len(n_keep)
+            spatial.extend(range(first, first + frames, 2))
+            temporal.extend(range(first + 1, first + frames, 2))
+        n_keep.extend([keep] * frames)
+    return n_keep, spatial, temporal
+
+
+def _even_step(index: list[int]) -> int | None:
+    """The step of an evenly stepping index list (1 for a single index), else None."""
+    if len(index) == 1:
+        return 1
+    step = index[1] - index[0]
+    return step if step > 0 and all(b - a == step for a, b in zip(index, index[1:])) else None
+
+
+def _frames(x: torch.Tensor, index: list[int]) -> torch.Tensor:
+    """``x[index]``, as a strided view (no copy) when the indices step evenly."""
+    step = _even_step(index)
+    if step is not None:
+        return x[index[0] : index[-1] + 1 : step]
+    return x[torch.tensor(index, device=x.device)]
+
+
+def _assign(x: torch.Tensor, index: list[int], values: torch.Tensor) -> None:
+    """``x[index] = values``, through a view when the indices step evenly."""
+    step = _even_step(index)
+    if step is not None:
+        x[index[0] : index[-1] + 1 : step] = values
+    else:
+        x[torch.tensor(index, device=x.device)] = values
 
 
 def dpc_knn_scores(frames: torch.Tensor, inv_norm: torch.Tensor, knn_k: int) -> torch.Tensor:
@@ -48,7 +78,7 @@ def dpc_knn_scores(frames: torch.Tensor, inv_norm: torch.Tensor, knn_k: int) -> 
 
 def temporal_scores(frames: torch.Tensor, previous: torch.Tensor, inv: torch.Tensor, inv_prev: torch.Tensor) -> torch.Tensor:
     """Negated cosine to the same position in the previous frame: higher = changed more."""
-    return -(torch.einsum("fpd,fpd->fp", frames, previous) * inv * inv_prev)
+    return -(torch.linalg.vecdot(frames, previous) * inv * inv_prev)
 
 
 def istc_keep(
@@ -60,14 +90,14 @@ def istc_keep(
 ) -> torch.Tensor:
     """Keep mask [F, P] for frames ``video`` [F, P, D] (working dtype), one ratio per group."""
     num_frames, num_tokens, _ = video.shape
-    n_keep, t = frames_keep_counts(video_group_frames, ratios, num_tokens, video.device)
+    n_keep, spatial, temporal = frame_plan(video_group_frames, ratios, num_tokens)
     scores = torch.zeros(num_frames, num_tokens, dtype=video.dtype, device=video.device)
-    partial = (n_keep > 0) & (n_keep < num_tokens)
-    spatial = torch.nonzero(partial & (t % 2 == 0)).squeeze(1)
-    temporal = torch.nonzero(partial & (t % 2 == 1)).squeeze(1)
-    if spatial.numel():
-        scores[spatial] = dpc_knn_scores(video[spatial], inv_norm[spatial], knn_k)
-    if temporal.numel():
-        prev = temporal - 1
-        scores[temporal] = temporal_scores(video[temporal], video[prev], inv_norm[temporal], inv_norm[prev])
-    return top_k_mask(scores, n_keep)
+    if spatial:
+        _assign(scores, spatial, dpc_knn_scores(_frames(video, spatial), _frames(inv_norm, spatial), knn_k))
+    if temporal:
+        prev = [f - 1 for f in temporal]
+        _assign(scores, temporal, temporal_scores(
+            _frames(video, temporal), _frames(video, prev), _frames(inv_norm, temporal), _frames(inv_norm, prev)
+        ))
+    keep_counts = torch.tensor(n_keep, dtype=torch.long).to(video.device, non_blocking=True)
+    return top_k_mask(scores, keep_counts)
