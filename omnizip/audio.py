@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .ops import inverse_norm, top_k_mask, work_dtype
+from .ops import inverse_norm, work_dtype
 
 
 @dataclass(frozen=True)
@@ -68,56 +68,61 @@ def select_audio(
 ) -> AudioSelection:
     """SPEC 2.1 steps 1-5 over the given tokens. Inputs are left untouched.
 
-    ``audio_inv_norm``: ``1/(||a||+eps)`` per token, if the caller has it already."""
+    Index bookkeeping (which tokens are dominant, anchors, pool; the top-g ranking and the
+    softmax weights) runs in numpy on small index arrays; the products over embeddings run
+    on the tensors' device. ``audio_inv_norm``: ``1/(||a||+eps)`` per token, if known."""
+    device = audio.device
     num_tokens = scores.shape[0]
-    keep = top_k_mask(scores, n_dominant)
+    by_score = torch.sort(scores, descending=True, stable=True).indices.cpu().numpy()
+    keep = np.zeros(num_tokens, dtype=bool)
+    keep[by_score[:n_dominant]] = True
+    rest = np.flatnonzero(~keep)
+    n_anchor = anchor_count(num_tokens, rest.size, contextual_ratio)
     merged = audio.clone()
-    rest = torch.nonzero(~keep).squeeze(1)
-    n_anchor = anchor_count(num_tokens, rest.numel(), contextual_ratio)
     if n_anchor == 0:
-        return AudioSelection(keep, merged, rest[:0])
-    step = max(1, rest.numel() // n_anchor)
-    anchor_slots = torch.arange(n_anchor, device=rest.device) * step
-    anchors = rest[anchor_slots]
-    keep[anchors] = True
-    pool_mask = torch.ones(rest.numel(), dtype=torch.bool, device=rest.device)
-    pool_mask[anchor_slots] = False
-    pool = rest[pool_mask]
-    if pool.numel() == 0 or g == 0:
-        return AudioSelection(keep, merged, anchors)
-    if audio_inv_norm is None:
-        audio_inv_norm = inverse_norm(audio.to(work_dtype(audio)))
+        return AudioSelection(torch.from_numpy(keep).to(device), merged, torch.from_numpy(rest[:0]).to(device))
+    anchor_slots = np.arange(n_anchor) * max(1, rest.size // n_anchor)
+    anchors_np = rest[anchor_slots]
+    keep[anchors_np] = True
+    pool_np = np.delete(rest, anchor_slots)
+    anchors = torch.from_numpy(anchors_np).to(device)
+    keep_t = torch.from_numpy(keep).to(device)
+    if pool_np.size == 0 or g == 0:
+        return AudioSelection(keep_t, merged, anchors)
 
     work = audio.to(work_dtype(audio))
-    pool_unit = work[pool] * audio_inv_norm[pool].unsqueeze(1)
+    if audio_inv_norm is None:
+        audio_inv_norm = inverse_norm(work)
+    pool = torch.from_numpy(pool_np).to(device)
+    pool_tokens = work[pool]
+    pool_unit = pool_tokens * audio_inv_norm[pool].unsqueeze(1)
     to_anchor = pool_unit @ (work[anchors] * audio_inv_norm[anchors].unsqueeze(1)).T  # [n_pool, C]
-    assigned = to_anchor.argmax(dim=1)  # first maximum = lower anchor index
+    assigned_t = to_anchor.argmax(dim=1)  # first maximum = lower anchor index
     if video is None:
-        cross = to_anchor.amax(dim=1)
+        cross_t = to_anchor.amax(dim=1)
     else:
-        cross = ((pool_unit @ video.tokens.T) * video.inv_norm).amax(dim=1)
+        cross_t = ((pool_unit @ video.tokens.T) * video.inv_norm).amax(dim=1)
+    assigned = assigned_t.cpu().numpy()
+    cross = cross_t.to(torch.float64).cpu().numpy()
 
-    # Top-g pool tokens per anchor by cross-modal score (ties: lower index): order by
-    # (anchor, score desc, index) with two stable sorts, then rank inside each anchor's run.
-    by_score = torch.sort(cross, descending=True, stable=True).indices
-    order = by_score[torch.sort(assigned[by_score], stable=True).indices]
-    counts = torch.bincount(assigned, minlength=n_anchor)
-    run_start = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(order.numel(), device=order.device) - run_start[assigned[order]]
+    # Top-g pool tokens per anchor by cross-modal score, ties to the lower index: sort by
+    # (anchor, score desc, position), then rank inside each anchor's run.
+    order = np.lexsort((np.arange(pool_np.size), -cross, assigned))
+    counts = np.bincount(assigned, minlength=n_anchor)
+    rank = np.arange(order.size) - (np.cumsum(counts) - counts)[assigned[order]]
     chosen = order[rank < g]
-    owner, s = assigned[chosen], cross[chosen]
-
-    # Softmax of the chosen scores inside each anchor's group, then the weighted merge as
-    # one small matrix product (weights [C, n_pool] @ pool tokens [n_pool, D]).
-    peak = torch.full((n_anchor,), float("-inf"), dtype=s.dtype, device=s.device)
-    peak = peak.scatter_reduce(0, owner, s, reduce="amax")
-    e = torch.exp(s - peak[owner])
-    z = torch.zeros(n_anchor, dtype=s.dtype, device=s.device).index_add_(0, owner, e)
-    weights = torch.zeros(n_anchor, pool.numel(), dtype=work.dtype, device=work.device)
-    weights[owner, chosen] = e / z[owner]
-    merged_anchors = (work[anchors] + weights @ work[pool]) / (1.0 + weights.sum(dim=1)).unsqueeze(1)
+    owner, chosen_scores = assigned[chosen], cross[chosen]
+    # Softmax of the chosen scores inside each anchor's group (float64), then the merge as one
+    # small matrix product: weights [C, n_pool] @ pool tokens [n_pool, D].
+    peak = np.full(n_anchor, -np.inf)
+    np.maximum.at(peak, owner, chosen_scores)
+    e = np.exp(chosen_scores - peak[owner])
+    weights = np.zeros((n_anchor, pool_np.size))
+    weights[owner, chosen] = e / np.bincount(owner, weights=e, minlength=n_anchor)[owner]
+    w = torch.from_numpy(weights).to(device, work.dtype)
+    merged_anchors = (work[anchors] + w @ pool_tokens) / (1.0 + w.sum(dim=1)).unsqueeze(1)
     merged[anchors] = merged_anchors.to(audio.dtype)
-    return AudioSelection(keep, merged, anchors)
+    return AudioSelection(keep_t, merged, anchors)
 
 
 class DominanceTracker:
@@ -136,31 +141,43 @@ class DominanceTracker:
         self.rho_audio = rho_audio
         self.target_fraction = 1.0 - rho_audio + min(contextual_ratio, rho_audio)
         self.history = history
-        self.scores: list[torch.Tensor] = []  # float64 CPU, one per past window
+        self.scores: list[np.ndarray] = []  # float64, one per past window
         self.kept: list[int] = []
 
     def salient_counts(self, scores: torch.Tensor, lookahead: list[torch.Tensor]) -> list[int]:
         """Salient tokens in this window and in each lookahead window."""
-        if not any(s.numel() for s in self.scores):
+        if not any(s.size for s in self.scores):
             return [dominant_count(s.shape[0], self.rho_audio) for s in [scores, *lookahead]]
-        windows = [s.detach().to("cpu", torch.float64) for s in [scores, *lookahead]]
-        reference = torch.cat([*self.scores, *windows]).numpy()
-        threshold = float(np.quantile(reference, self.rho_audio))  # linear, as torch.quantile; 2x faster
-        return [int((s > threshold).sum()) for s in windows]
+        windows = [_as_numpy(s) for s in [scores, *lookahead]]
+        threshold = _quantile(np.concatenate([*self.scores, *windows]), self.rho_audio)
+        return [int(np.count_nonzero(s > threshold)) for s in windows]
 
     def dominant_count(self, salient: int, num_tokens: int) -> int:
         """Dominant tokens to keep: the salient ones plus what the recent windows owe."""
-        owed = self.target_fraction * sum(s.numel() for s in self.scores) - sum(self.kept)
+        owed = self.target_fraction * sum(s.size for s in self.scores) - sum(self.kept)
         return max(0, min(num_tokens, salient + round(owed)))
 
     def record(self, scores: torch.Tensor, kept: int) -> None:
-        self.scores.append(scores.detach().to("cpu", torch.float64))
+        self.scores.append(_as_numpy(scores))
         self.kept.append(int(kept))
         del self.scores[: -self.history], self.kept[: -self.history]
 
     def state_dict(self) -> dict:
-        return {"scores": [s.clone() for s in self.scores], "kept": list(self.kept)}
+        return {"scores": [torch.from_numpy(s.copy()) for s in self.scores], "kept": list(self.kept)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.scores = [torch.as_tensor(s, dtype=torch.float64).reshape(-1) for s in state["scores"]]
+        self.scores = [_as_numpy(torch.as_tensor(s)) for s in state["scores"]]
         self.kept = [int(k) for k in state["kept"]]
+
+
+def _as_numpy(scores: torch.Tensor) -> np.ndarray:
+    return scores.detach().to("cpu", torch.float64).reshape(-1).numpy()
+
+
+def _quantile(values: np.ndarray, q: float) -> float:
+    """Linear-interpolation quantile (numpy's default rule) by partition: no full sort."""
+    position = q * (values.size - 1)
+    low = int(position)
+    high = min(low + 1, values.size - 1)
+    part = np.partition(values, [low, high])
+    return float(part[low] + (part[high] - part[low]) * (position - low))

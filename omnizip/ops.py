@@ -12,22 +12,15 @@ def work_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def inverse_norm(x: torch.Tensor) -> torch.Tensor:
-    """``1 / (||x|| + 1e-6)`` over the last dim: cosine(x, y) = x.y * inv(x) * inv(y)."""
-    return 1.0 / (torch.linalg.vector_norm(x, dim=-1) + COSINE_EPS)
+def inverse_norm(x: torch.Tensor, name: str | None = None) -> torch.Tensor:
+    """``1 / (||x|| + 1e-6)`` over the last dim: cosine(x, y) = x.y * inv(x) * inv(y).
 
-
-def unit(x: torch.Tensor) -> torch.Tensor:
-    """``x / (||x|| + 1e-6)``, the spec's normalisation for cosine similarity."""
-    return x * inverse_norm(x).unsqueeze(-1)
-
-
-def descending_rank(scores: torch.Tensor) -> torch.Tensor:
-    """Rank of each entry along the last dim, highest first, ties to the lower index."""
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    ranks = torch.empty_like(order)
-    positions = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
-    return ranks.scatter_(-1, order, positions)
+    With ``name``, raises ValueError if a token holds NaN or inf (its norm is then not finite):
+    the check rides on a reduction the method needs anyway, unlike a full isfinite pass."""
+    norm = torch.linalg.vector_norm(x, dim=-1)
+    if name is not None and norm.numel() and not bool(torch.isfinite(norm).all()):
+        raise ValueError(f"{name} contains NaN or inf values")
+    return (norm + COSINE_EPS).reciprocal_()
 
 
 def top_k_mask(scores: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
@@ -35,6 +28,8 @@ def top_k_mask(scores: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
 
     ``k`` may be a tensor broadcasting against ``scores.shape[:-1]`` (one k per row).
     """
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     if isinstance(k, torch.Tensor):
         k = k.unsqueeze(-1)
-    return descending_rank(scores) < k
+    in_top = torch.arange(scores.shape[-1], device=scores.device) < k  # by position in `order`
+    return torch.zeros_like(order, dtype=torch.bool).scatter_(-1, order, in_top.expand_as(order))

@@ -16,7 +16,7 @@ from .budget import VideoRatioController, base_ratio
 from .compress import compress_groups, group_retention
 from .config import OmniZipConfig
 from .ops import inverse_norm, work_dtype
-from .validate import check_clip, check_finite_norms
+from .validate import check_clip
 from .video import istc_keep
 
 STATE_FORMAT = "omnizip.stream/1"
@@ -54,10 +54,8 @@ class _Window:
 
     @classmethod
     def checked(cls, index: int, audio: torch.Tensor, scores: torch.Tensor, video: torch.Tensor) -> "_Window":
-        audio_inv = inverse_norm(audio.detach().to(work_dtype(audio)))
-        video_inv = inverse_norm(video.detach().to(work_dtype(video)))
-        check_finite_norms("audio", audio_inv)
-        check_finite_norms("video", video_inv)
+        audio_inv = inverse_norm(audio.detach().to(work_dtype(audio)), "audio")
+        video_inv = inverse_norm(video.detach().to(work_dtype(video)), "video")
         return cls(index, audio.detach(), scores.detach(), video.detach(), audio_inv, video_inv)
 
 

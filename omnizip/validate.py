@@ -21,13 +21,6 @@ def check_finite(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} contains NaN or inf values")
 
 
-def check_finite_norms(name: str, inv_norm: torch.Tensor) -> None:
-    """NaN or inf anywhere in a token makes its norm non-finite (so its inverse NaN or 0):
-    checking the norms the method computes anyway costs nothing, unlike a full isfinite pass."""
-    if inv_norm.numel() and not bool(torch.isfinite(inv_norm).all() and (inv_norm > 0).all()):
-        raise ValueError(f"{name} contains NaN or inf values")
-
-
 def check_group_sizes(name: str, sizes: object, total: int, total_name: str) -> list[int]:
     if isinstance(sizes, torch.Tensor):
         sizes = sizes.tolist()
@@ -72,7 +65,7 @@ def check_clip(
             raise ValueError(f"video is empty (shape {tuple(video.shape)}): a clip needs at least one frame")
     if audio.shape[1] == 0:
         raise ValueError("audio has embedding size D = 0")
-    check_finite("audio_scores", audio_scores)  # embeddings: see check_finite_norms
+    check_finite("audio_scores", audio_scores)  # embeddings: see ops.inverse_norm(name=...)
     groups_a = check_group_sizes("audio_group_sizes", audio_group_sizes, audio.shape[0], "the audio token count")
     groups_v = check_group_sizes("video_group_frames", video_group_frames, video.shape[0], "the video frame count")
     if len(groups_a) != len(groups_v):

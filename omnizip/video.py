@@ -6,6 +6,7 @@ changed since the previous frame). All frames of a clip are scored in one batche
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -58,22 +59,26 @@ def _assign(x: torch.Tensor, index: list[int], values: torch.Tensor) -> None:
         x[torch.tensor(index, device=x.device)] = values
 
 
+@functools.lru_cache(maxsize=8)
+def _self_pairs(num_tokens: int, device: torch.device) -> torch.Tensor:
+    return torch.eye(num_tokens, dtype=torch.bool, device=device)
+
+
 def dpc_knn_scores(frames: torch.Tensor, inv_norm: torch.Tensor, knn_k: int) -> torch.Tensor:
     """``rho * delta`` per token for a batch of frames [E, P, D] (P >= 2)."""
     num_tokens = frames.shape[1]
-    cosine = torch.bmm(frames, frames.transpose(1, 2)) * inv_norm.unsqueeze(2) * inv_norm.unsqueeze(1)
+    cosine = torch.bmm(frames, frames.transpose(1, 2)).mul_(inv_norm.unsqueeze(2)).mul_(inv_norm.unsqueeze(1))
     # Exactly symmetric, so tokens of mathematically equal density (mutual nearest neighbours
     # when k = 1) compare equal and neither counts as "strictly denser" by rounding noise.
-    dist = 1.0 - (cosine + cosine.transpose(1, 2)) * 0.5
-    self_pair = torch.eye(num_tokens, dtype=torch.bool, device=frames.device)
+    dist = (cosine + cosine.transpose(1, 2)).mul_(-0.5).add_(1.0)
+    self_pair = _self_pairs(num_tokens, frames.device)
     k = min(knn_k, num_tokens - 1)
     nearest = torch.topk(dist.masked_fill(self_pair, float("inf")), k, dim=-1, largest=False).values
-    density = torch.exp(-nearest.mean(dim=-1))  # [E, P]
+    density = nearest.mean(dim=-1).neg_().exp_()  # [E, P]
     denser = density.unsqueeze(1) > density.unsqueeze(2)  # [E, i, j]: j strictly denser than i
-    delta = dist.masked_fill(~denser, float("inf")).amin(dim=-1)
+    delta = torch.where(denser, dist, float("inf")).amin(dim=-1)  # inf: no denser token
     farthest = dist.masked_fill(self_pair, float("-inf")).amax(dim=-1)
-    delta = torch.where(denser.any(dim=-1), delta, farthest)
-    return density * delta
+    return density * torch.where(torch.isinf(delta), farthest, delta)
 
 
 def temporal_scores(frames: torch.Tensor, previous: torch.Tensor, inv: torch.Tensor, inv_prev: torch.Tensor) -> torch.Tensor:
