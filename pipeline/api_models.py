@@ -1,0 +1,280 @@
+"""Request and response bodies of the HTTP API (pipeline.serve), as pydantic models, so a bad
+request is refused at the door with a 422 that names the offending field, before the engine
+sees it. The OpenAI-compatible models cover what the official ``openai`` client sends and reads;
+unknown sampling knobs it may send (temperature, top_p, ...) are accepted and ignored.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "OmniZipSettings", "CreateStreamRequest", "StreamStatus",
+    "StreamList", "DeleteResponse", "AskRequest", "AskResponse", "ChatMessage",
+    "ChatCompletionRequest", "ChatCompletion", "ChatCompletionChunk", "Usage", "ModelCard",
+    "ModelList", "Health", "ErrorBody", "ErrorResponse", "MAX_ANSWER_TOKENS",
+]
+
+#: Upper bound on one answer's length: a question must not hold a decoder for minutes.
+MAX_ANSWER_TOKENS = 1024
+
+
+class _Strict(BaseModel):
+    """Refuse unknown fields: a typo in a setting must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class OmniZipSettings(_Strict):
+    """OmniZipConfig fields (omnizip.config), all optional: unset ones keep the defaults.
+    ``rho_*`` are the fractions of tokens discarded."""
+
+    rho_audio: float | None = Field(None, ge=0.0, le=1.0)
+    rho_video: float | None = Field(None, ge=0.0, le=1.0)
+    contextual_ratio: float | None = Field(None, ge=0.0, le=1.0)
+    g: int | None = Field(None, ge=0)
+    min_ratio: float | None = Field(None, ge=0.0, le=1.0)
+    max_ratio: float | None = Field(None, ge=0.0, le=1.0)
+    knn_k: int | None = Field(None, ge=1)
+    stream_history_windows: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "OmniZipSettings":
+        # The per-field bounds above are checked by pydantic; what spans fields (min <= max)
+        # is OmniZipConfig's own rule, so ask it rather than restating it.
+        from omnizip.config import OmniZipConfig
+        OmniZipConfig.from_dict(self.to_config())
+        return self
+
+    def to_config(self) -> dict[str, Any]:
+        """Only the fields the client set, as the engine's ``omnizip`` spec expects."""
+        return self.model_dump(exclude_none=True)
+
+
+class CreateStreamRequest(_Strict):
+    """``POST /v1/streams``: what to watch and how hard to compress it."""
+
+    source: str = Field(min_length=1, max_length=4096,
+                        description="rtsp://..., http(s)://..., file path, v4l2:/dev/videoN, lavfi:GRAPH")
+    name: str | None = Field(None, min_length=1, max_length=128,
+                             pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$",
+                             description="a friendly name; also usable as the OpenAI `model`")
+    omnizip: OmniZipSettings | None = None
+    context_tokens: int | None = Field(None, ge=1, description="rolling context budget in tokens")
+    lookahead: int = Field(0, ge=0, le=8, description="windows of look-ahead for the compressor")
+    realtime: bool | None = Field(None, description="pace files at media speed (live sources always are)")
+    options: dict[str, Any] | None = Field(None, description="source options (pipeline.sources.SourceOptions)")
+
+    @field_validator("source")
+    @classmethod
+    def _no_blank_source(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("source must not be blank")
+        return v.strip()
+
+    def to_spec(self) -> dict[str, Any]:
+        """The engine's create_stream spec (pipeline.service contract)."""
+        spec = self.model_dump(exclude={"omnizip"})
+        spec["omnizip"] = self.omnizip.to_config() if self.omnizip is not None else None
+        return spec
+
+
+class StreamStatus(BaseModel):
+    """A stream as the engine reports it; fields the engine adds later pass through."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str
+    name: str | None = None
+    source: str
+    status: Literal["starting", "live", "reconnecting", "ended", "failed"]
+    error: str | None = None
+    created: float = 0.0
+    lag_s: float = 0.0
+    media_s: float = 0.0
+    windows: int = 0
+    windows_total: int = 0
+    dropped: int = 0
+    reconnects: int = 0
+    context_tokens: int = 0
+    tokens: dict[str, dict[str, int]] = Field(default_factory=dict,
+                                              description='{"audio": {"in": n, "kept": n}, "video": {...}}')
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+
+class StreamList(BaseModel):
+    streams: list[StreamStatus]
+
+
+class DeleteResponse(BaseModel):
+    id: str
+    deleted: bool
+
+
+class AskRequest(_Strict):
+    """``POST /v1/streams/{id}/ask``."""
+
+    question: str = Field(min_length=1, max_length=8192)
+    max_tokens: int = Field(64, ge=1, le=MAX_ANSWER_TOKENS)
+    stream: bool = Field(False, description="answer as Server-Sent Events, one per token")
+
+    @field_validator("question")
+    @classmethod
+    def _no_blank_question(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("question must not be blank")
+        return v
+
+
+class AskResponse(BaseModel):
+    stream_id: str
+    question: str
+    answer: str
+    completion_tokens: int
+    finish_reason: Literal["stop", "length"]
+    context_tokens: int = Field(description="tokens of the stream's context the answer was read from")
+    windows: int = Field(description="windows in that context")
+    created: int = Field(default_factory=lambda: int(time.time()))
+
+
+# --- OpenAI-compatible ---------------------------------------------------------------------
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        """The message's text; image/audio parts are refused (the stream is the media)."""
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        bad = [p.type for p in self.content if p.type != "text"]
+        if bad:
+            raise ValueError(f"only text content parts are supported, got {bad}")
+        return "".join(p.text or "" for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """``POST /v1/chat/completions``: ``model`` names the stream (id or name); the last user
+    message is the question. Sampling knobs are accepted and ignored (decoding is greedy)."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1, description="the stream's id or name")
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1, le=MAX_ANSWER_TOKENS)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_ANSWER_TOKENS)
+    n: int | None = Field(None, ge=1, le=1, description="one choice only")
+
+    @field_validator("messages")
+    @classmethod
+    def _has_question(cls, msgs: list[ChatMessage]) -> list[ChatMessage]:
+        users = [m for m in msgs if m.role == "user"]
+        if not users:
+            raise ValueError("needs at least one message with role 'user' (the question)")
+        if not users[-1].text().strip():
+            raise ValueError("the last user message is empty")
+        return msgs
+
+    def question(self) -> str:
+        """The last user message: the question asked of the stream."""
+        return [m for m in self.messages if m.role == "user"][-1].text()
+
+    def answer_budget(self, default: int = 64) -> int:
+        return self.max_completion_tokens or self.max_tokens or default
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChoiceMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: ChoiceMessage
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    """A stream, listed as an OpenAI model (its id is what `model` takes)."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "omnizip-stream"
+    name: str | None = None
+    status: str | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    ok: bool
+    streams: int = 0
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape, so the openai client surfaces ``message``; 422s add ``detail``."""
+
+    error: ErrorBody
+    detail: list[dict[str, Any]] | None = None

@@ -1,0 +1,338 @@
+"""The HTTP front of the service: a Ray Serve deployment with a FastAPI ingress over the engine
+(``pipeline.service.StreamService``, one named Ray actor that owns every stream).
+
+Routes (README "HTTP API"):
+  POST   /v1/streams                 create a stream -> 201 + its status
+  GET    /v1/streams                 every stream's status
+  GET    /v1/streams/{id}            one stream: status, lag, windows, tokens in/kept per modality
+  DELETE /v1/streams/{id}            stop and forget it
+  POST   /v1/streams/{id}/ask        answer a question (JSON, or SSE with "stream": true)
+  POST   /v1/chat/completions        OpenAI-compatible; `model` = stream id or name
+  GET    /v1/models[/{id}]           the streams, as OpenAI models
+  GET    /healthz                    200 when the engine answers and says it is ok, else 503
+
+The replica holds no model and no stream: it validates, forwards to the engine actor and turns
+its answers into JSON or Server-Sent Events, so it stays light (a tenth of a CPU) and any number
+of replicas can share one engine. Errors use OpenAI's shape ``{"error": {"message", "type",
+"param", "code"}}``: 422 schema errors (``param`` names the field), 404 unknown stream, 400 a
+ValueError from the engine (e.g. an unsupported source scheme), 503 engine unavailable.
+
+``app`` (module level) is what ``serve run deploy/serve_config.yaml`` imports; its engine settings
+come from the environment (``ServiceConfig.from_env``). Tests and the CLI use :func:`build_app`.
+"""
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import asdict, is_dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from pipeline.api_models import (
+    AskRequest, AskResponse, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
+    ChoiceMessage, ChunkChoice, CreateStreamRequest, DeleteResponse, Delta, ErrorResponse,
+    ModelCard, ModelList, StreamList, StreamStatus, Usage,
+)
+
+__all__ = ["fastapi_app", "OmniZipAPI", "build_app", "app", "ApiError"]
+
+log = logging.getLogger(__name__)
+
+fastapi_app = FastAPI(
+    title="OmniZip-Stream",
+    summary="Ask questions about live audio-video streams (Qwen2.5-Omni + OmniZip compression).",
+    version="0.1.0",
+    responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
+               422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+)
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+class ApiError(Exception):
+    """An error that becomes an HTTP response in OpenAI's error shape."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param = status, message, type_, param
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.status}}
+
+
+@fastapi_app.exception_handler(ApiError)
+async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+@fastapi_app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 whose message names every bad field (``omnizip.rho_audio: ...``), not just a list."""
+    details = [{"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")),
+                "type": str(e.get("type", ""))} for e in exc.errors()]
+    fields = [".".join(d["loc"][1:] if d["loc"][:1] == ["body"] else d["loc"]) or "body"
+              for d in details]
+    message = "; ".join(f"{f}: {d['msg']}" for f, d in zip(fields, details)) or "invalid request"
+    err = ApiError(422, message, param=fields[0] if fields else None)
+    return JSONResponse({**err.body(), "detail": details}, status_code=422)
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The engine's own exception inside Ray's RayTaskError wrapper."""
+    return getattr(exc, "cause", None) or exc
+
+
+def _message(exc: BaseException) -> str:
+    # KeyError quotes its argument; the engine's KeyErrors carry the stream id or a sentence.
+    if isinstance(exc, KeyError) and exc.args and isinstance(exc.args[0], str):
+        return exc.args[0]
+    return str(exc) or type(exc).__name__
+
+
+def _to_api_error(exc: BaseException, stream_id: str | None = None) -> ApiError:
+    from ray.exceptions import RayActorError
+
+    cause = _cause(exc)
+    if isinstance(exc, RayActorError) or isinstance(cause, RayActorError):
+        return ApiError(503, f"the engine is unavailable: {_message(cause)}", "service_unavailable")
+    if isinstance(cause, KeyError):
+        what = stream_id if stream_id is not None else _message(cause)
+        return ApiError(404, f"no stream {what!r}", "not_found", param="stream_id")
+    if isinstance(cause, (ValueError, TypeError)):
+        return ApiError(400, _message(cause))
+    log.exception("engine error", exc_info=exc)
+    return ApiError(500, f"internal error: {type(cause).__name__}: {_message(cause)}", "internal_error")
+
+
+def _sse(data: Any, event: str | None = None) -> str:
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+# --- the deployment ----------------------------------------------------------------------------
+
+def _service_config(config: Any) -> Any:
+    from pipeline.service import ServiceConfig
+
+    if config is None:
+        return ServiceConfig.from_env()
+    if isinstance(config, ServiceConfig):
+        return config
+    if isinstance(config, Mapping):
+        return ServiceConfig(**dict(config))
+    raise TypeError(f"config must be a ServiceConfig, a mapping or None, not {type(config).__name__}")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=100)
+@serve.ingress(fastapi_app)
+class OmniZipAPI:
+    """One replica: validates requests and forwards them to the engine actor."""
+
+    def __init__(self, config: Mapping[str, Any] | None = None) -> None:
+        from pipeline.service import get_or_create_service
+
+        self._config = _service_config(config)
+        self._get_service = get_or_create_service
+        self._service = get_or_create_service(self._config)
+
+    # -- engine calls ---------------------------------------------------------------------------
+    async def _call(self, method: str, *args: Any, stream_id: str | None = None) -> Any:
+        """One engine call, its errors mapped to HTTP; a dead engine actor is looked up again
+        (the engine restarts itself) so the next request reaches the new one."""
+        from ray.exceptions import RayActorError
+
+        try:
+            return await getattr(self._service, method).remote(*args)
+        except Exception as e:
+            if isinstance(e, RayActorError):
+                self._reconnect()
+            raise _to_api_error(e, stream_id) from e
+
+    def _reconnect(self) -> None:
+        try:
+            self._service = self._get_service(self._config)
+        except Exception:  # the next request tries again
+            log.exception("could not reach the engine actor")
+
+    async def _resolve(self, ref: str) -> dict[str, Any]:
+        """A stream by id, else by name (the OpenAI `model`); 404 / 400 (ambiguous) otherwise."""
+        try:
+            return await self._call("get_stream", ref, stream_id=ref)
+        except ApiError as e:
+            if e.status != 404:
+                raise
+        named = [s for s in await self._call("list_streams") if s.get("name") == ref]
+        if len(named) == 1:
+            return named[0]
+        if not named:
+            raise ApiError(404, f"no stream with id or name {ref!r}", "not_found", param="model")
+        raise ApiError(400, f"{len(named)} streams are named {ref!r}; use one's id: "
+                       f"{sorted(s['id'] for s in named)}", param="model")
+
+    async def _answer(self, stream_id: str, question: str, max_tokens: int) -> AsyncIterator[str]:
+        """The engine's answer, piece by piece. The first piece is awaited before this returns,
+        so an unknown stream is a 404 and not a broken event stream."""
+        gen = self._service.ask.options(num_returns="streaming").remote(stream_id, question, max_tokens)
+        try:
+            first = await gen.__anext__()
+            first_piece = await first
+        except StopAsyncIteration:
+            first_piece = None
+        except Exception as e:
+            raise _to_api_error(e, stream_id) from e
+
+        async def pieces() -> AsyncIterator[str]:
+            if first_piece is None:
+                return
+            yield first_piece
+            async for ref in gen:
+                yield await ref
+
+        return pieces()
+
+    # -- routes ---------------------------------------------------------------------------------
+    @fastapi_app.get("/healthz", summary="Liveness of the HTTP app and the engine")
+    async def healthz(self) -> JSONResponse:
+        try:
+            health = await self._call("health")
+        except ApiError as e:
+            return JSONResponse({"ok": False, "error": e.message}, status_code=503)
+        return JSONResponse(health, status_code=200 if health.get("ok") else 503)
+
+    @fastapi_app.post("/v1/streams", status_code=201, response_model=StreamStatus,
+                      response_model_exclude_none=False, summary="Start watching a source")
+    async def create_stream(self, body: CreateStreamRequest) -> dict[str, Any]:
+        return await self._call("create_stream", body.to_spec())
+
+    @fastapi_app.get("/v1/streams", response_model=StreamList, summary="Every stream's status")
+    async def list_streams(self) -> dict[str, Any]:
+        return {"streams": await self._call("list_streams")}
+
+    @fastapi_app.get("/v1/streams/{stream_id}", response_model=StreamStatus,
+                     summary="One stream: status, lag, windows, tokens in/kept per modality")
+    async def get_stream(self, stream_id: str) -> dict[str, Any]:
+        return await self._call("get_stream", stream_id, stream_id=stream_id)
+
+    @fastapi_app.delete("/v1/streams/{stream_id}", response_model=DeleteResponse,
+                        summary="Stop a stream and drop its context")
+    async def delete_stream(self, stream_id: str) -> dict[str, Any]:
+        await self._call("delete_stream", stream_id, stream_id=stream_id)
+        return {"id": stream_id, "deleted": True}
+
+    @fastapi_app.post("/v1/streams/{stream_id}/ask", response_model=AskResponse,
+                      summary="Ask about what the stream has shown so far")
+    async def ask(self, stream_id: str, body: AskRequest) -> Any:
+        status = await self._call("get_stream", stream_id, stream_id=stream_id)
+        pieces = await self._answer(stream_id, body.question, body.max_tokens)
+
+        def summary(answer: str, n: int) -> AskResponse:
+            return AskResponse(stream_id=stream_id, question=body.question, answer=answer,
+                               completion_tokens=n,
+                               finish_reason="length" if n >= body.max_tokens else "stop",
+                               context_tokens=int(status.get("context_tokens", 0)),
+                               windows=int(status.get("windows", 0)))
+
+        if not body.stream:
+            parts = [p async for p in pieces]
+            return summary("".join(parts), len(parts))
+
+        async def events() -> AsyncIterator[str]:
+            parts: list[str] = []
+            try:
+                async for p in pieces:
+                    parts.append(p)
+                    yield _sse({"text": p}, "token")
+            except Exception as e:  # headers are sent: report in-band
+                yield _sse(_to_api_error(e, stream_id).body(), "error")
+                return
+            yield _sse(summary("".join(parts), len(parts)).model_dump(), "done")
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+    @fastapi_app.post("/v1/chat/completions", summary="OpenAI-compatible chat; `model` names the stream")
+    async def chat_completions(self, body: ChatCompletionRequest) -> Any:
+        stream = await self._resolve(body.model)
+        sid, max_tokens = stream["id"], body.answer_budget()
+        # The prompt is the stream's compressed context plus the question; the engine reports the
+        # former, the question's own tokens are not counted (the tokenizer lives in the engine).
+        prompt_tokens = int(stream.get("context_tokens", 0))
+        pieces = await self._answer(sid, body.question(), max_tokens)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def usage(n: int) -> Usage:
+            return Usage(prompt_tokens=prompt_tokens, completion_tokens=n,
+                         total_tokens=prompt_tokens + n)
+
+        def finish(n: int) -> str:
+            return "length" if n >= max_tokens else "stop"
+
+        if not body.stream:
+            parts = [p async for p in pieces]
+            return ChatCompletion(
+                id=cid, created=created, model=body.model,
+                choices=[Choice(message=ChoiceMessage(content="".join(parts)),
+                                finish_reason=finish(len(parts)))],
+                usage=usage(len(parts))).model_dump()
+
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def chunk(delta: Delta, reason: str | None = None, use: Usage | None = None,
+                  choices: bool = True) -> str:
+            c = ChatCompletionChunk(id=cid, created=created, model=body.model, usage=use,
+                                    choices=[ChunkChoice(delta=delta, finish_reason=reason)] if choices else [])
+            return _sse(c.model_dump_json(exclude_none=False))
+
+        async def events() -> AsyncIterator[str]:
+            n = 0
+            yield chunk(Delta(role="assistant", content=""))
+            try:
+                async for p in pieces:
+                    n += 1
+                    yield chunk(Delta(content=p))
+            except Exception as e:
+                yield _sse(_to_api_error(e, sid).body())
+                yield _sse("[DONE]")
+                return
+            yield chunk(Delta(), finish(n))
+            if include_usage:
+                yield chunk(Delta(), use=usage(n), choices=False)
+            yield _sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+    @fastapi_app.get("/v1/models", response_model=ModelList, summary="The streams, as OpenAI models")
+    async def list_models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [self._card(s) for s in await self._call("list_streams")]}
+
+    @fastapi_app.get("/v1/models/{model}", response_model=ModelCard, summary="One stream as a model")
+    async def get_model(self, model: str) -> dict[str, Any]:
+        return self._card(await self._resolve(model))
+
+    @staticmethod
+    def _card(s: Mapping[str, Any]) -> dict[str, Any]:
+        return ModelCard(id=s["id"], created=int(s.get("created") or 0), name=s.get("name"),
+                         status=s.get("status")).model_dump()
+
+
+def build_app(config: Any = None, **deployment_options: Any) -> serve.Application:
+    """The Serve application for ``serve.run``; ``config`` is a ServiceConfig, a dict of its
+    fields, or None (``ServiceConfig.from_env()``). ``deployment_options`` go to
+    ``OmniZipAPI.options`` (num_replicas, ray_actor_options, ...)."""
+    if config is not None and is_dataclass(config):
+        config = asdict(config)  # plain data crosses to the replica
+    dep = OmniZipAPI.options(**deployment_options) if deployment_options else OmniZipAPI
+    return dep.bind(dict(config) if config is not None else None)
+
+
+#: ``serve run deploy/serve_config.yaml`` / ``serve run pipeline.serve:app``.
+app = build_app()
