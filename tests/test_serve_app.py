@@ -1,0 +1,41 @@
+"""The Serve application object and its OpenAPI description, without starting Ray: what
+`serve run deploy/serve_config.yaml` imports must exist and expose every route of issue 5."""
+
+from __future__ import annotations
+
+import yaml
+from pathlib import Path
+
+from ray import serve
+
+ROUTES = {
+    ("post", "/v1/streams"), ("get", "/v1/streams"), ("get", "/v1/streams/{stream_id}"),
+    ("delete", "/v1/streams/{stream_id}"), ("post", "/v1/streams/{stream_id}/ask"),
+    ("post", "/v1/chat/completions"), ("get", "/v1/models"), ("get", "/v1/models/{model}"),
+    ("get", "/healthz"),
+}
+
+
+def test_import_path_of_the_serve_config_is_an_application() -> None:
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "deploy" / "serve_config.yaml").read_text())
+    module, attr = cfg["applications"][0]["import_path"].split(":")
+    mod = __import__(module, fromlist=[attr])
+    assert isinstance(getattr(mod, attr), serve.Application)
+
+
+def test_openapi_lists_every_route_with_its_bodies() -> None:
+    from pipeline.serve import fastapi_app
+    spec = fastapi_app.openapi()
+    have = {(m, p) for p, ops in spec["paths"].items() for m in ops}
+    assert ROUTES <= have, ROUTES - have
+    schemas = spec["components"]["schemas"]
+    for name in ("CreateStreamRequest", "AskRequest", "ChatCompletionRequest", "OmniZipSettings"):
+        assert name in schemas, sorted(schemas)
+    assert "source" in schemas["CreateStreamRequest"]["required"]
+    assert spec["paths"]["/v1/streams"]["post"]["responses"].keys() >= {"201", "422"}
+
+
+def test_build_app_takes_a_config_dict() -> None:
+    from pipeline.serve import build_app
+    a = build_app({"model": "tiny"}, num_replicas=2)
+    assert isinstance(a, serve.Application)
