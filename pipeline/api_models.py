@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 __all__ = [
     "OmniZipSettings", "CreateStreamRequest", "StreamStatus",
@@ -63,10 +63,12 @@ class CreateStreamRequest(_Strict):
                              pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$",
                              description="a friendly name; also usable as the OpenAI `model`")
     omnizip: OmniZipSettings | None = None
-    context_tokens: int | None = Field(None, ge=1, description="rolling context budget in tokens")
-    lookahead: int = Field(0, ge=0, le=8, description="windows of look-ahead for the compressor")
+    context_tokens: int | None = Field(None, ge=128, description="rolling context budget in tokens "
+                                       "(the engine's default when unset)")
+    lookahead: int = Field(0, ge=0, le=64, description="windows of look-ahead for the compressor")
     realtime: bool | None = Field(None, description="pace files at media speed (live sources always are)")
     options: dict[str, Any] | None = Field(None, description="source options (pipeline.sources.SourceOptions)")
+    size: tuple[PositiveInt, PositiveInt] | None = Field(None, description="[height, width] frames are resized to")
 
     @field_validator("source")
     @classmethod

@@ -40,3 +40,44 @@ def ray_session() -> Iterator[dict[str, int]]:
     yield {"metrics_port": port}
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def serve_api(ray_session: dict[str, int], redis_server: RedisServer) -> Iterator[dict[str, object]]:
+    """One Ray Serve instance for the session: pipeline.serve's app on 127.0.0.1 (a free port)
+    over the real engine with the tiny model and the session's Redis. Yields its base URL, the
+    Ray metrics export port and the Redis URL. Shut down after the session's tests."""
+    import time
+
+    import requests
+    from ray import serve
+
+    from pipeline.serve import build_app
+    from redis_helpers import free_port
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    config = {"model": "tiny", "device": "cpu", "redis_url": redis_server.url,
+              "name": "httptest", "torch_threads": 1}  # its own actor names: other tests' engines differ
+    serve.run(build_app(config), name="omnizip", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:  # the replica is up; wait for the engine behind it too
+        try:
+            if requests.get(url + "/healthz", timeout=10).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url}/healthz not 200 within 120 s")
+        time.sleep(0.5)
+    yield {"url": url, "metrics_port": ray_session["metrics_port"], "redis_url": redis_server.url,
+           "service": config["name"]}
+    serve.shutdown()
+    import ray
+
+    from pipeline.service import shutdown_service
+    try:  # the engine's actors are detached: stop its streams before the session's other tests
+        shutdown_service(ray.get_actor(f"{config['name']}-service", namespace="omnizip"))
+    except ValueError:
+        pass
