@@ -255,6 +255,7 @@ class _EncStream:
     queue: deque = field(default_factory=deque)
     counters: Counter = field(default_factory=Counter)  # tokens, drops, harder
     busy: int = 0
+    restored: bool = False  # resumed from the store: windows lost with the old worker are counted once
 
 
 class EncoderWorker:
@@ -292,6 +293,10 @@ class EncoderWorker:
                 return "ok"  # a retried submit of a window already taken
             if len(st.queue) >= self.cfg.queue_windows and item.backpressure:
                 return "full"
+            if st.restored:  # windows queued in the worker that died: never compressed, counted here
+                st.restored = False
+                for _ in range(max(0, idx - st.last_pushed - 1)):
+                    self._drop(item.stream_id, st, "error")
             if len(st.queue) >= self.cfg.queue_windows:
                 st.queue.popleft()
                 self._drop(item.stream_id, st, "queue_full")
@@ -329,6 +334,7 @@ class EncoderWorker:
             st.pending = [(EncodedWindow(**p["enc"]), p["start"], p["end"], p["t0"]) for p in state["pending"]]
             st.last_pushed = int(state["last_pushed"])
             st.counters.update(state.get("counters", {}))
+            st.restored = True
             self.metrics.reconnect("actor", sid)
         self.streams[sid] = st
         return st

@@ -1,0 +1,61 @@
+"""`omnizip-stream demo` and `run` as a user runs them (subprocesses), attached to the session's
+Ray through RAY_ADDRESS so the suite keeps one Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import media_fixtures
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    import ray
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_demo_prints_each_window_and_an_answer(ray_session: dict) -> None:
+    r = cli("demo")
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("window ")]
+    assert len(lines) == 6, r.stdout
+    for k, ln in enumerate(lines):
+        m = re.match(rf"window +{k} .*audio +(\d+)/ *50 +video +(\d+)/ *(\d+) +kept +([\d.]+)%", ln)
+        assert m, ln
+        assert 0 < int(m.group(1)) < 50 and 0 < int(m.group(2)) < int(m.group(3)) and float(m.group(4)) < 100
+    answer = next(ln for ln in r.stdout.splitlines() if ln.startswith("A: "))
+    assert len(answer) > 3
+    assert "6 windows, 6 in context, 0 dropped" in r.stdout
+
+
+def test_run_a_file_prints_stats_and_answers(ray_session: dict, tmp_path: Path) -> None:
+    clip = media_fixtures.make(tmp_path, "ntsc_44k_stereo.mp4")
+    r = cli("run", str(clip), "--question", "What do you see?", "--max-tokens", "5", "--rho-video", "0.5",
+            "--json", "--per-window")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["status"] == "ended" and out["windows_total"] == 3 and out["windows"] == 3 and out["dropped"] == 0
+    assert out["settings"]["omnizip"]["rho_video"] == 0.5
+    assert out["tokens"]["video"]["kept"] < out["tokens"]["video"]["in"]
+    assert out["answer"] and out["question"] == "What do you see?"
+    assert "windows" in r.stderr  # the progress bar
+    assert sum(ln.startswith("window ") for ln in r.stdout.splitlines()) == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "foo://x", "-q", "hi"], "unsupported source scheme"),
+    (["run", "lavfi:testsrc2", "-q", "hi", "--rho-audio", "1.5"], "rho_audio"),
+])
+def test_run_rejects_bad_input_clearly(ray_session: dict, args: list[str], message: str) -> None:
+    r = cli(*args, timeout=120)
+    assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]

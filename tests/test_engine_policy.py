@@ -1,0 +1,91 @@
+"""Queue policies and worker restarts with the in-process store hosted in a Ray actor: a slow
+decoder with tiny queues drops windows (counted in the status and in Ray's metrics), a stream
+that falls behind is compressed harder, a file with backpressure loses nothing, and a killed
+encoder worker resumes the stream's compressor from the store."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from test_engine_service import answer, ended, lavfi, wait
+
+
+@pytest.fixture(scope="module")
+def svc(ray_session: dict) -> Iterator[Any]:
+    import ray
+
+    from pipeline.service import get_or_create_service, shutdown_service
+    handle = get_or_create_service({"name": "eng-mem", "queue_windows": 2, "decoder_delay_s": 0.4,
+                                    "behind_policy": "compress_harder"})
+    assert ray.get(handle.health.remote(), timeout=120)["ok"]
+    yield handle
+    shutdown_service(handle)
+
+
+def store() -> Any:
+    import ray
+
+    from pipeline.actors import RemoteStore
+    return RemoteStore(ray.get_actor("eng-mem-store", namespace="omnizip"))
+
+
+def metric_lines(port: int, name: str, sid: str) -> list[str]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return [ln for ln in text.splitlines() if ln.startswith(name) and f'stream="{sid}"' in ln]
+
+
+def test_slow_decoder_drops_and_harder_compression_are_counted(svc: Any, ray_session: dict) -> None:
+    import ray
+    sid = ray.get(svc.create_stream.remote({"source": lavfi(24), "realtime": False}))["id"]
+    st = wait(svc, sid, ended, 120, "the end")
+    assert st["status"] == "ended" and st["windows_total"] == 12
+    assert st["drops"].get("decoder_queue_full", 0) > 0 and st["dropped"] == sum(st["drops"].values())
+    assert st["windows"] + st["dropped"] == st["windows_total"]  # every window is in context or counted
+    assert st["compressed_harder"] > 0
+    ws = store().windows(sid)
+    hard = [w.fields for w in ws if w.fields["harder"]]
+    normal = [w.fields for w in ws if not w.fields["harder"]]
+    assert hard and normal
+    kept = lambda fs: sum(f["audio_kept"] + f["video_kept"] for f in fs) / sum(f["audio_in"] + f["video_in"] for f in fs)  # noqa: E731
+    assert kept(hard) < kept(normal)
+    assert answer(svc, sid)
+    # the drops reach Prometheus through Ray's per-node metrics agent
+    deadline = time.monotonic() + 60
+    while not metric_lines(ray_session["metrics_port"], "ray_omnizip_dropped_windows_total", sid):
+        assert time.monotonic() < deadline, "no omnizip_dropped_windows_total series for the stream"
+        time.sleep(1)
+    lines = metric_lines(ray_session["metrics_port"], "ray_omnizip_dropped_windows_total", sid)
+    assert sum(float(ln.rsplit(" ", 1)[1]) for ln in lines) > 0
+    ray.get(svc.delete_stream.remote(sid))
+
+
+def test_backpressure_file_loses_nothing(svc: Any) -> None:
+    import ray
+    sid = ray.get(svc.create_stream.remote({"source": lavfi(12), "backpressure": True}))["id"]
+    st = wait(svc, sid, ended, 120, "the end")
+    assert st["status"] == "ended" and st["dropped"] == 0 and st["compressed_harder"] == 0
+    assert st["windows"] == st["windows_total"] == 6
+    assert [w.index for w in store().windows(sid)] == list(range(6))
+    ray.get(svc.delete_stream.remote(sid))
+
+
+def test_killed_encoder_worker_resumes_the_compressor(svc: Any) -> None:
+    import ray
+    sid = ray.get(svc.create_stream.remote({"source": lavfi(12), "realtime": True}))["id"]
+    wait(svc, sid, lambda st: st["windows"] >= 2, 60, "two windows")
+    ray.kill(ray.get_actor("eng-mem-encoder-0", namespace="omnizip"), no_restart=False)
+    st = wait(svc, sid, ended, 120, "the end")
+    assert st["status"] == "ended" and st["windows_total"] == 6
+    ws = store().windows(sid)
+    idx = [w.index for w in ws]
+    assert idx == sorted(set(idx)) and len(ws) + st["dropped"] == 6
+    assert st["windows"] == len(ws)
+    # the resumed compressor's counters continue the old ones (restored from the store's state)
+    assert st["tokens"]["audio"]["in"] == sum(w.fields["audio_in"] for w in ws)
+    assert st["tokens"]["video"]["kept"] == sum(w.fields["video_kept"] for w in ws)
+    ray.get(svc.delete_stream.remote(sid))
