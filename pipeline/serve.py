@@ -122,15 +122,19 @@ def _sse(data: Any, event: str | None = None) -> str:
 # --- the deployment ----------------------------------------------------------------------------
 
 def _service_config(config: Any) -> Any:
+    """The engine's settings: from the environment when none are given (``serve run``), with
+    device ``auto`` (the deploy files' default) resolved here: cuda when the cluster has GPUs."""
+    import dataclasses
+
+    import ray
+
     from pipeline.service import ServiceConfig
 
-    if config is None:
-        return ServiceConfig.from_env()
-    if isinstance(config, ServiceConfig):
-        return config
-    if isinstance(config, Mapping):
-        return ServiceConfig(**dict(config))
-    raise TypeError(f"config must be a ServiceConfig, a mapping or None, not {type(config).__name__}")
+    cfg = ServiceConfig.from_env() if config is None else ServiceConfig.coerce(config)
+    if str(cfg.device).lower() == "auto":
+        gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+        cfg = dataclasses.replace(cfg, device="cuda" if gpus > 0 else "cpu")
+    return cfg
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=100)

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
-import yaml
 from pathlib import Path
+
+import pytest
+import yaml
 
 from ray import serve
 
@@ -39,3 +41,19 @@ def test_build_app_takes_a_config_dict() -> None:
     from pipeline.serve import build_app
     a = build_app({"model": "tiny"}, num_replicas=2)
     assert isinstance(a, serve.Application)
+
+
+def test_device_auto_resolves_to_what_the_cluster_has(ray_session: dict[str, int],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """deploy/serve_config.yaml says OMNIZIP_DEVICE=auto: torch has no such device, so the app
+    resolves it (this Ray has no GPU: cpu); other fields come from the environment."""
+    import ray
+
+    from pipeline.serve import _service_config
+    assert ray.cluster_resources().get("GPU", 0) == 0
+    cfg = _service_config({"device": "auto", "model": "tiny"})
+    assert cfg.device == "cpu" and cfg.model == "tiny"
+    monkeypatch.setenv("OMNIZIP_DEVICE", "auto")
+    monkeypatch.setenv("OMNIZIP_MODEL", "small")
+    env = _service_config(None)
+    assert env.device == "cpu" and env.model == "small"
