@@ -33,7 +33,6 @@ from typing import Any
 
 import ray
 
-from pipeline import codec
 from pipeline.metrics import get_metrics
 from pipeline.store import Retention, StreamNotFound, StreamStore, open_store
 
@@ -319,6 +318,7 @@ class EncoderWorker:
             return st
         from omnizip import OmniZipConfig, StreamCompressor
         from omnizip.models import EncodedWindow
+        from pipeline import codec  # torch: imported by model actors only, not by ingestion
 
         try:
             rec = self.store.get_stream(sid)
@@ -411,6 +411,7 @@ class EncoderWorker:
     def _compress_and_store(self, item: WindowIn, st: _EncStream, enc: Any, harder: bool) -> None:
         from omnizip import compress_clip
         from omnizip.models import compress_encoded, compress_with
+        from pipeline import codec
 
         sid, w = item.stream_id, item.window
         t = time.perf_counter()

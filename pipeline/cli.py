@@ -71,11 +71,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve.run(build_app(cfg), name="omnizip", route_prefix="/", blocking=False)
     print(f"omnizip-stream: serving on http://{args.host}:{args.port} (model {cfg.model}, "
           f"store {cfg.redis_url or 'in-process'}); Ctrl-C stops", flush=True)
+    import signal
+
+    import ray
+
+    def _stop(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         serve.shutdown()
+        ray.shutdown()
     return 0
 
 
