@@ -209,6 +209,7 @@ class IngestActor:
                 prev = time.time()
             src.close()
             if not self._stop.is_set():
+                ray.get(self.worker.finish.remote(self.sid), timeout=120)
                 self._set_status("ended")
         except Exception as exc:  # a failing stream never takes another down: it reports and stops
             log.warning("stream %s failed: %s", self.sid, exc)
@@ -255,6 +256,7 @@ class _EncStream:
     counters: Counter = field(default_factory=Counter)  # tokens, drops, harder
     busy: int = 0
     restored: bool = False  # resumed from the store: windows lost with the old worker are counted once
+    ending: bool = False  # the source ended: flush the windows held back by the lookahead
 
 
 class EncoderWorker:
@@ -306,6 +308,17 @@ class EncoderWorker:
             self.cond.notify()
         return "ok"
 
+    @ray.method(concurrency_group="intake", max_task_retries=-1)
+    def finish(self, stream_id: str) -> bool:
+        """The stream's source ended: windows held back by its lookahead are flushed after its queue."""
+        with self.cond:
+            st = self._stream(stream_id)
+            if st is None:
+                return False
+            st.ending = True
+            self.cond.notify()
+        return True
+
     def _drop(self, sid: str, st: _EncStream, reason: str) -> None:
         st.counters[f"dropped_{reason}"] += 1
         self.metrics.drop_window(sid, reason)
@@ -344,7 +357,7 @@ class EncoderWorker:
         """Up to max_batch windows, round-robin over streams (in order within a stream); each
         with whether it must be compressed harder. Windows too far behind live are dropped."""
         with self.cond:
-            while not self._stop and not any(s.queue for s in self.streams.values()):
+            while not self._stop and not any(s.queue or s.ending for s in self.streams.values()):
                 self.cond.wait(0.5)
             out: list[tuple[WindowIn, bool]] = []
             now = time.time()
@@ -371,6 +384,7 @@ class EncoderWorker:
     def _loop(self) -> None:
         while not self._stop:
             batch = self._take()
+            self._flush_ended()
             if not batch:
                 continue
             try:
@@ -387,6 +401,31 @@ class EncoderWorker:
                         st = self.streams.get(item.stream_id)
                         if st is not None:
                             st.busy -= 1
+
+    def _flush_ended(self) -> None:
+        from omnizip.models import compress_with
+
+        with self.cond:
+            ended = [(sid, st) for sid, st in self.streams.items() if st.ending and not st.queue and not st.busy]
+            for _, st in ended:
+                st.ending = False
+                st.busy += 1
+        for sid, st in ended:
+            try:
+                done, times = [], {}
+                for o in st.sc.flush():
+                    e, start, end, t0 = st.pending.pop(0)
+                    times[e.index] = (start, end, t0)
+                    done.append(compress_with(e, o))
+                self._emit(sid, st, done, times, False, True, None)
+            except StreamNotFound:
+                continue
+            except Exception:
+                log.exception("%s: flushing stream %s failed", self.name, sid)
+                self._drop(sid, st, "error")
+            finally:
+                with self.cond:
+                    st.busy -= 1
 
     def _run_batch(self, batch: list[tuple[WindowIn, bool]]) -> None:
         t = time.perf_counter()
@@ -435,6 +474,13 @@ class EncoderWorker:
                 done.append(compress_with(e, o))
         st.last_pushed = w.index
         self.metrics.observe_stage("compress", time.perf_counter() - t)
+        self._emit(sid, st, done, times, harder, item.backpressure, w.index)
+
+    def _emit(self, sid: str, st: _EncStream, done: list, times: dict, harder: bool, backpressure: bool,
+              pushed: int | None) -> None:
+        """Count, store (with the compressor state after them) and send on the finished windows."""
+        from pipeline import codec
+
         for cw in done:
             for key in ("audio_in", "audio_kept", "video_in", "video_kept"):
                 st.counters[key] += getattr(cw, key)
@@ -442,7 +488,8 @@ class EncoderWorker:
                                        {"audio": cw.audio_kept, "video": cw.video_kept})
         state = codec.encode(self._state(st))  # after this window: travels with its store write
         if not done:
-            self.store.save_state(sid, w.index, state)
+            if pushed is not None:
+                self.store.save_state(sid, pushed, state)
             return
         for k, cw in enumerate(done):
             start, end, t0 = times[cw.index]
@@ -451,7 +498,7 @@ class EncoderWorker:
             payload = cw.to_bytes()
             self._store_window(sid, cw.index, payload, start, end, fields, state if k == len(done) - 1 else None)
             st.counters["last_stored"] = cw.index
-            self.decoders[st.decoder].push.remote(WindowOut(sid, cw.index, end, payload, t0, item.backpressure))
+            self.decoders[st.decoder].push.remote(WindowOut(sid, cw.index, end, payload, t0, backpressure))
 
     @staticmethod
     def _state(st: _EncStream) -> dict:
@@ -492,7 +539,7 @@ class EncoderWorker:
                 st = self.streams.get(stream_id)
                 if st is None:
                     return {"known": False}
-                return {"known": True, "queue": len(st.queue), "busy": st.busy, "last_pushed": st.last_pushed,
+                return {"known": True, "queue": len(st.queue), "busy": st.busy, "ending": st.ending, "last_pushed": st.last_pushed,
                         "decoder": st.decoder, **dict(st.counters)}
             return {"name": self.name, "streams": len(self.streams), "batches": self.batches,
                     "queue": sum(len(s.queue) for s in self.streams.values()), "ok": True}

@@ -301,7 +301,7 @@ class StreamService:
     def _drained(wk: dict, dec: dict) -> bool:
         if not wk or not dec:
             return False
-        if wk.get("queue", 0) or wk.get("busy", 0) or dec.get("queue", 0) or dec.get("busy"):
+        if wk.get("queue", 0) or wk.get("busy", 0) or wk.get("ending") or dec.get("queue", 0) or dec.get("busy"):
             return False
         return int(dec.get("handled", -1)) >= int(wk.get("last_stored", -1))
 

@@ -89,3 +89,15 @@ def test_killed_encoder_worker_resumes_the_compressor(svc: Any) -> None:
     assert st["tokens"]["audio"]["in"] == sum(w.fields["audio_in"] for w in ws)
     assert st["tokens"]["video"]["kept"] == sum(w.fields["video_kept"] for w in ws)
     ray.get(svc.delete_stream.remote(sid))
+
+
+def test_lookahead_stream_is_complete_and_in_order(svc: Any) -> None:
+    import ray
+    sid = ray.get(svc.create_stream.remote({"source": lavfi(10), "backpressure": True, "lookahead": 2}))["id"]
+    st = wait(svc, sid, ended, 120, "the end")
+    assert st["status"] == "ended" and st["dropped"] == 0
+    ws = store().windows(sid)
+    assert [w.index for w in ws] == list(range(5)) == list(range(st["windows"]))
+    assert [w.media_end for w in ws] == pytest.approx([2.0, 4.0, 6.0, 8.0, 10.0])
+    assert st["tokens"]["audio"]["in"] == 5 * 50 and 0 < st["tokens"]["video"]["kept"] < st["tokens"]["video"]["in"]
+    ray.get(svc.delete_stream.remote(sid))
