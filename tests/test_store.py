@@ -13,6 +13,12 @@ from pipeline.store import (MemoryStore, RedisStore, Retention, StreamExists, St
                             WindowOrderError, open_store)
 
 
+def own_db(redis_server) -> str:
+    """A database of the session's redis-server that only this file uses: the contract tests
+    list and delete *all* streams, so they must not share a database with the engine's tests."""
+    return redis_server.url.rsplit("/", 1)[0] + "/9"
+
+
 @pytest.fixture(params=["memory", "redis"])
 def make_store(request, redis_server):
     """Factory: a fresh store of each kind with the given retention."""
@@ -20,7 +26,7 @@ def make_store(request, redis_server):
 
     def make(retention: Retention = Retention()):
         s = MemoryStore(retention) if request.param == "memory" else \
-            RedisStore(redis_server.url, retention)
+            RedisStore(own_db(redis_server), retention)
         made.append(s)
         return s
 
@@ -205,7 +211,7 @@ def test_codec_rejects_what_it_cannot_hold():
 def test_open_store_picks_the_implementation(redis_server):
     assert isinstance(open_store(None), MemoryStore)
     assert isinstance(open_store("memory://"), MemoryStore)
-    with open_store(redis_server.url, Retention(max_windows=3)) as s:
+    with open_store(own_db(redis_server), Retention(max_windows=3)) as s:
         assert isinstance(s, RedisStore) and s.ping() and s.retention.max_windows == 3
     with pytest.raises(ValueError, match="scheme"):
         open_store("http://127.0.0.1:1")
@@ -214,7 +220,7 @@ def test_open_store_picks_the_implementation(redis_server):
 # --- Redis restarts -------------------------------------------------------------------------
 @pytest.mark.parametrize("hard", [False, True], ids=["sigterm", "sigkill"])
 def test_redis_restart_keeps_windows_and_state(redis_server, hard):
-    s = RedisStore(redis_server.url, Retention(max_windows=100))
+    s = RedisStore(own_db(redis_server), Retention(max_windows=100))
     try:
         i = s.create_stream({"source": "a", "name": "restart"})["id"]
         for k in range(10):
@@ -233,7 +239,7 @@ def test_redis_restart_keeps_windows_and_state(redis_server, hard):
 
 def test_redis_outage_is_ridden_out_by_retries(redis_server):
     """Redis is down for a second while a write is issued: the write waits and lands."""
-    s = RedisStore(redis_server.url)
+    s = RedisStore(own_db(redis_server))
     try:
         i = s.create_stream({"source": "a"})["id"]
         add(s, i, 0)
