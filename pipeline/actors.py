@@ -284,7 +284,11 @@ class EncoderWorker:
     def submit(self, item: WindowIn) -> str:
         """Queue a window: "ok"; "full" when the stream's queue is full and the stream asked for
         backpressure (nothing queued: try again); otherwise a full queue drops its oldest window
-        (counted); "unknown" when the store does not know the stream."""
+        (counted); "unknown" when the store does not know the stream. A backpressure stream is
+        also told "full" while its decoder already holds a full queue of its windows, so a slow
+        decoder holds back the file instead of queueing without bound."""
+        if item.backpressure and self._decoder_full(item.stream_id):
+            return "full"
         with self.cond:
             st = self._stream(item.stream_id)
             if st is None:
@@ -307,6 +311,16 @@ class EncoderWorker:
             self.metrics.set_queue_depth(f"encoder:{self.name}", sum(len(s.queue) for s in self.streams.values()))
             self.cond.notify()
         return "ok"
+
+    def _decoder_full(self, sid: str) -> bool:
+        st = self.streams.get(sid)
+        if st is None:
+            return False
+        try:
+            backlog = ray.get(self.decoders[st.decoder].backlog.remote(sid), timeout=30)
+        except Exception:  # a decoder being restarted: let the window through (it will be queued)
+            return False
+        return backlog >= self.cfg.queue_windows
 
     @ray.method(concurrency_group="intake", max_task_retries=-1)
     def finish(self, stream_id: str) -> bool:
@@ -570,6 +584,7 @@ class _DecStream:
     latencies: deque = field(default_factory=lambda: deque(maxlen=2048))
     received: int = -1
     busy: bool = False
+    max_queue: int = 0  # the longest this stream's queue has been (backpressure keeps it bounded)
 
 
 class DecoderActor:
@@ -639,9 +654,17 @@ class DecoderActor:
                 old = st.queue.popleft()
                 self._drop(item.stream_id, st, old.index, "queue_full")
             st.queue.append(item)
+            st.max_queue = max(st.max_queue, len(st.queue))
             self.metrics.set_queue_depth(f"decoder:{self.name}", sum(len(s.queue) for s in self.streams.values()))
             self.cond.notify()
         return True
+
+    @ray.method(concurrency_group="intake")
+    def backlog(self, stream_id: str) -> int:
+        """Windows of the stream waiting here (queued or being appended): what an encoder
+        checks before taking more of a backpressure stream."""
+        st = self.streams.get(stream_id)
+        return 0 if st is None else len(st.queue) + int(st.busy)
 
     def _drop(self, sid: str, st: _DecStream, index: int, reason: str) -> None:
         st.dropped[reason] += 1
@@ -751,7 +774,8 @@ class DecoderActor:
             with self.cond:
                 lag = lag_of(st.t0, st.end)
                 return {"known": True, "windows": len(st.ctx.spans), "context_tokens": st.ctx.n_tokens,
-                        "last": st.last, "received": st.received, "handled": st.handled, "queue": len(st.queue), "busy": st.busy,
+                        "last": st.last, "received": st.received, "handled": st.handled, "queue": len(st.queue),
+                        "max_queue": st.max_queue, "busy": st.busy,
                         "lag_s": lag, "lag_at_append": st.lag_at_append, "dropped": dict(st.dropped),
                         "evicted": st.ctx.evicted_windows}
         return {"name": self.name, "streams": len(self.streams), "rebuilds": self.rebuilds, "ok": True}

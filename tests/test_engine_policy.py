@@ -64,13 +64,19 @@ def test_slow_decoder_drops_and_harder_compression_are_counted(svc: Any, ray_ses
     ray.get(svc.delete_stream.remote(sid))
 
 
-def test_backpressure_file_loses_nothing(svc: Any) -> None:
+def test_backpressure_file_loses_nothing_and_queues_stay_bounded(svc: Any) -> None:
     import ray
-    sid = ray.get(svc.create_stream.remote({"source": lavfi(12), "backpressure": True}))["id"]
-    st = wait(svc, sid, ended, 120, "the end")
+    # 15 windows through a decoder that takes 0.4 s per window: unpaced decoding and encoding
+    # are far faster, so without backpressure reaching the decoder its queue would fill up.
+    sid = ray.get(svc.create_stream.remote({"source": lavfi(30), "backpressure": True}))["id"]
+    st = wait(svc, sid, ended, 180, "the end")
     assert st["status"] == "ended" and st["dropped"] == 0 and st["compressed_harder"] == 0
-    assert st["windows"] == st["windows_total"] == 6
-    assert [w.index for w in store().windows(sid)] == list(range(6))
+    assert st["windows"] == st["windows_total"] == 15
+    assert [w.index for w in store().windows(sid)] == list(range(15))
+    decoder = ray.get_actor("eng-mem-decoder-0", namespace="omnizip")
+    peak = ray.get(decoder.stats.remote(sid))["max_queue"]
+    # queue_windows = 2: at most the decoder's own 2, the encoder's 2 and one batch in flight.
+    assert 1 <= peak <= 5, peak
     ray.get(svc.delete_stream.remote(sid))
 
 
