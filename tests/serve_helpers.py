@@ -4,14 +4,26 @@ polling a stream's status until a condition holds."""
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import requests
 
 TIMEOUT_S = 30.0
+
+
+def tone_clip(path: Path, tone_hz: int, seconds: int = 4) -> Path:
+    """A small H.264 + AAC test-pattern clip with a sine tone, written with ffmpeg."""
+    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-y",
+                    "-f", "lavfi", "-i", f"testsrc2=size=160x120:rate=10:duration={seconds}",
+                    "-f", "lavfi", "-i", f"sine=f={tone_hz}:sample_rate=16000:duration={seconds}",
+                    "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p",
+                    "-c:a", "aac", "-shortest", str(path)], check=True, timeout=60)
+    return path
 
 
 @dataclass

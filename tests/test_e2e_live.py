@@ -21,7 +21,7 @@ import redis
 
 import prom_helpers as ph
 from ingest_servers import RtspServer, free_port, gst_rtsp_available
-from serve_helpers import Api, sse_answer
+from serve_helpers import Api, sse_answer, tone_clip
 
 pytestmark = [
     pytest.mark.slow,
@@ -231,14 +231,7 @@ def test_every_dashboard_panel_has_data(api: Api, prom: ph.Prometheus, flood_str
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import subprocess
-    path = tmp_path_factory.mktemp("e2e") / "clip.mkv"
-    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-y",
-                    "-f", "lavfi", "-i", "testsrc2=size=160x120:rate=10:duration=4",
-                    "-f", "lavfi", "-i", "sine=f=660:sample_rate=16000:duration=4",
-                    "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p",
-                    "-c:a", "aac", "-shortest", str(path)], check=True, timeout=60)
-    return path
+    return tone_clip(tmp_path_factory.mktemp("e2e") / "clip.mkv", 660)
 
 
 @pytest.fixture(scope="module")

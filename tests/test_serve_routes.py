@@ -4,7 +4,6 @@ Server-Sent Events and through the official openai client."""
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import openai
 import pytest
 
-from serve_helpers import Api, sse_answer
+from serve_helpers import Api, sse_answer, tone_clip
 
 LIVE = ("lavfi:testsrc2=size=160x120:rate=10[out0];"
         "sine=f=440:sample_rate=16000[out1]")
@@ -31,13 +30,7 @@ def oai(serve_api: dict[str, Any]) -> openai.OpenAI:
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 4-s test pattern with a tone (H.264 + AAC)."""
-    path = tmp_path_factory.mktemp("serve") / "clip.mp4"
-    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-y",
-                    "-f", "lavfi", "-i", "testsrc2=size=160x120:rate=10:duration=4",
-                    "-f", "lavfi", "-i", "sine=f=440:sample_rate=16000:duration=4",
-                    "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p",
-                    "-c:a", "aac", "-shortest", str(path)], check=True, timeout=60)
-    return path
+    return tone_clip(tmp_path_factory.mktemp("serve") / "clip.mp4", 440)
 
 
 @pytest.fixture(scope="module")
