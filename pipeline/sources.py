@@ -14,6 +14,8 @@ import dataclasses
 import logging
 import math
 import os
+import heapq
+import itertools
 import queue
 import re
 import threading
@@ -332,6 +334,8 @@ class Source:
     def _read_all(self) -> Iterator[Event]:
         if len(self._containers) == 1:
             yield from self._decode(*self._containers[0])
+        elif not self.live:  # finite inputs: by arrival, one would run ahead of the other
+            yield from _merge_by_time([self._decode(c, s) for c, s in self._containers])
         else:
             yield from _merge([self._decode(c, s) for c, s in self._containers], self._stop,
                               self.options.read_timeout_s)
@@ -389,6 +393,26 @@ class Source:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _merge_by_time(gens: list[Iterator[Event]]) -> Iterator[Event]:
+    """Interleave finite inputs (a file or test graph with a separate audio input) in media-time
+    order: one pending event per input, the earliest first. Events without a time go first."""
+    heap: list[tuple[float, int, int, Event]] = []
+    order = itertools.count()
+
+    def pull(i: int) -> None:
+        ev = next(gens[i], None)
+        if ev is not None:
+            t = getattr(ev, "t", None)
+            heapq.heappush(heap, (float("-inf") if t is None else t, next(order), i, ev))
+
+    for i in range(len(gens)):
+        pull(i)
+    while heap:
+        _, _, i, ev = heapq.heappop(heap)
+        yield ev
+        pull(i)
 
 
 def _merge(gens: list[Iterator[Event]], stop: threading.Event, join_s: float = 10.0) -> Iterator[Event]:

@@ -241,3 +241,23 @@ def test_assembler_out_of_order_and_overlap():
     assert w1.video_gap and w1.video_filled == 1  # 3.5 is 1.4 s after the last frame: held
     assert w2.final and w2.audio_filled_s == pytest.approx(1.0) and w2.video_filled == 4
     assert not w2.audio[: SR].any() and w2.audio[SR:].all()
+
+
+def test_finite_paired_inputs_are_merged_in_media_time_order():
+    """A separate audio input that starts late must not let the video run ahead of it (a window
+    would close before its audio arrived): finite inputs are interleaved by media time."""
+    from pipeline.sources import _merge_by_time
+
+    def video():
+        for i in range(8):
+            yield VideoChunk(i * 0.5, None)
+
+    def late_audio():
+        time.sleep(0.3)
+        for i in range(4):
+            yield AudioChunk(i * 1.0, np.zeros(16000, np.float32))
+
+    merged = list(_merge_by_time([video(), late_audio()]))
+    times = [ev.t for ev in merged]
+    assert times == sorted(times) and len(merged) == 12
+    assert [type(ev).__name__ for ev in merged[:3]] == ["VideoChunk", "AudioChunk", "VideoChunk"]
