@@ -4,9 +4,9 @@ offline (``compress_clip``) and streaming (``StreamCompressor``).
 Read in the paper's order: ``config`` -> ``audio`` (scores to dominant tokens, anchors and
 merging) -> ``budget`` (audio retention to video ratios) -> ``video`` (ISTC) -> ``compress``
 (the whole clip) -> ``stream`` (window by window)."""
-from .compress import CompressedClip, compress_clip
+from .compress import CompressedClip, WindowOutput, compress_clip
 from .config import PAPER_SETTINGS, OmniZipConfig
-from .stream import StreamCompressor, WindowOutput
+from .stream import StreamCompressor
 
 __all__ = [
     "OmniZipConfig",

@@ -16,6 +16,25 @@ from .video import istc_keep
 
 
 @dataclass(frozen=True)
+class WindowOutput:
+    """One compressed window; tensors on the input's device."""
+
+    index: int
+    audio_keep: torch.Tensor  # bool [Na_i]
+    audio: torch.Tensor  # [Na_i, D], merged anchors written in
+    video_keep: torch.Tensor  # bool [F_i, P]
+    video_ratio: float
+
+    @property
+    def audio_kept(self) -> int:
+        return int(self.audio_keep.sum())
+
+    @property
+    def video_kept(self) -> int:
+        return int(self.video_keep.sum())
+
+
+@dataclass(frozen=True)
 class CompressedClip:
     """What ``compress_clip`` returns; tensors are on the input's device."""
 
@@ -30,6 +49,16 @@ class CompressedClip:
         total = self.audio_keep.numel() + self.video_keep.numel()
         kept = int(self.audio_keep.sum()) + int(self.video_keep.sum())
         return kept / total if total else 1.0
+
+    def windows(self, audio_group_sizes: Sequence[int], video_group_frames: Sequence[int]) -> list[WindowOutput]:
+        """The result cut into one ``WindowOutput`` per time group (index = group position)."""
+        parts = zip(
+            self.audio_keep.split(list(audio_group_sizes)),
+            self.audio.split(list(audio_group_sizes)),
+            self.video_keep.split(list(video_group_frames)),
+            self.video_ratios,
+        )
+        return [WindowOutput(i, keep_a, audio, keep_v, ratio) for i, (keep_a, audio, keep_v, ratio) in enumerate(parts)]
 
 
 def group_retention(audio_keep: torch.Tensor, audio_group_sizes: Sequence[int]) -> list[float | None]:

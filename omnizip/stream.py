@@ -7,38 +7,20 @@ and ISTC run inside the window exactly as offline. A compressor that is flushed 
 emitted anything holds the whole stream, so it applies the offline method to it."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from .audio import DominanceTracker, VideoRef, kept_fraction, select_audio
 from .budget import VideoRatioController, base_ratio
-from .compress import compress_groups, group_retention
+from .compress import WindowOutput, compress_groups, group_retention
 from .config import OmniZipConfig
 from .ops import inverse_norm, work_dtype
 from .validate import check_clip
 from .video import istc_keep
 
 STATE_FORMAT = "omnizip.stream/1"
-
-
-@dataclass(frozen=True)
-class WindowOutput:
-    """One compressed window; tensors on the input's device."""
-
-    index: int
-    audio_keep: torch.Tensor  # bool [Na_i]
-    audio: torch.Tensor  # [Na_i, D], merged anchors written in
-    video_keep: torch.Tensor  # bool [F_i, P]
-    video_ratio: float
-
-    @property
-    def audio_kept(self) -> int:
-        return int(self.audio_keep.sum())
-
-    @property
-    def video_kept(self) -> int:
-        return int(self.video_keep.sum())
 
 
 @dataclass(frozen=True)
@@ -142,14 +124,11 @@ class StreamCompressor:
                 if (na := w.scores.shape[0])
             ]
             ratio = self._controller.ratio(b, num_video, estimates)
-        video_keep = self._video_keep(frames, inv, ratio)
+        video_keep = istc_keep(frames, inv, [frames.shape[0]], [ratio], cfg.knn_k)
         self._dominance.record(window.scores, int(sel.keep.sum()))
         if num_audio:
             self._controller.record(b, num_video, num_video - int(video_keep.sum()))
         return WindowOutput(window.index, sel.keep, sel.audio, video_keep, ratio)
-
-    def _video_keep(self, frames: torch.Tensor, inv: torch.Tensor, ratio: float) -> torch.Tensor:
-        return istc_keep(frames, inv, [frames.shape[0]], [ratio], self.cfg.knn_k)
 
     def _finalise_all_offline(self) -> list[WindowOutput]:
         windows, self._pending = self._pending, []
@@ -161,23 +140,16 @@ class StreamCompressor:
         clip = compress_groups(
             torch.cat([w.audio for w in windows]), torch.cat([w.scores for w in windows]), video, sizes_a, sizes_v, self.cfg
         )
-        tokens_per_frame = video.shape[1]
         out = []
-        for w, keep_a, audio, keep_v, ratio, r in zip(
-            windows,
-            clip.audio_keep.split(sizes_a),
-            clip.audio.split(sizes_a),
-            clip.video_keep.split(sizes_v),
-            clip.video_ratios,
-            group_retention(clip.audio_keep, sizes_a),
-        ):
-            if w.video.shape[0] == 0:
-                keep_v = torch.zeros(w.video.shape[:2], dtype=torch.bool, device=keep_v.device)
-            self._dominance.record(w.scores, int(keep_a.sum()))
+        for w, part, r in zip(windows, clip.windows(sizes_a, sizes_v), group_retention(clip.audio_keep, sizes_a)):
+            if w.video.shape[0] == 0:  # the window's own (empty) frame shape, not the clip's
+                part = dataclasses.replace(part, video_keep=torch.zeros(w.video.shape[:2], dtype=torch.bool,
+                                                                         device=part.video_keep.device))
+            self._dominance.record(w.scores, part.audio_kept)
             if r is not None:
-                num_video = w.video.shape[0] * tokens_per_frame
-                self._controller.record(base_ratio(r, self.cfg), num_video, num_video - int(keep_v.sum()))
-            out.append(WindowOutput(w.index, keep_a, audio, keep_v, ratio))
+                num_video = part.video_keep.numel()
+                self._controller.record(base_ratio(r, self.cfg), num_video, num_video - part.video_kept)
+            out.append(dataclasses.replace(part, index=w.index))
         return out
 
     def state_dict(self) -> dict:

@@ -14,7 +14,7 @@ import torch
 from omnizip import OmniZipConfig, compress_clip
 
 from .qwen2_5_omni import Audio, Frames, Qwen25OmniAdapter
-from .window import CompressedWindow, EncodedWindow, compress_encoded
+from .window import CompressedWindow, EncodedWindow, compress_encoded, compress_with
 
 
 @dataclass
@@ -48,11 +48,10 @@ def compress_encoded_clip(encoded: list[EncodedWindow], cfg: OmniZipConfig | Non
     p = ps.pop() if ps else 0
     d = encoded[0].audio.shape[-1]
     video = torch.cat([e.video.reshape(-1, p, d) for e in encoded])
+    sizes_a, sizes_v = [e.n_audio for e in encoded], [e.video.shape[0] for e in encoded]
     out = compress_clip(torch.cat([e.audio for e in encoded]), torch.cat([e.audio_scores for e in encoded]),
-                        video, [e.n_audio for e in encoded], [e.video.shape[0] for e in encoded], cfg)
-    a_keep, a_merged = out.audio_keep.split([e.n_audio for e in encoded]), out.audio.split([e.n_audio for e in encoded])
-    v_keep = out.video_keep.split([e.video.shape[0] for e in encoded])
-    return [compress_encoded(e, a_keep[i], a_merged[i], v_keep[i], out.video_ratios[i]) for i, e in enumerate(encoded)]
+                        video, sizes_a, sizes_v, cfg)
+    return [compress_with(e, w) for e, w in zip(encoded, out.windows(sizes_a, sizes_v))]
 
 
 def assemble_prompt(adapter: Qwen25OmniAdapter, windows: list[CompressedWindow], question: str,
