@@ -2,7 +2,8 @@
 ratios, then ISTC, in the order of the paper."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,13 +18,15 @@ from .video import istc_keep
 
 @dataclass(frozen=True)
 class WindowOutput:
-    """One compressed window; tensors on the input's device."""
+    """One compressed window; tensors on the input's device. ``harder``: compressed with
+    ``cfg.stricter()`` because its stream fell behind live (``push(..., harder=True)``)."""
 
     index: int
     audio_keep: torch.Tensor  # bool [Na_i]
     audio: torch.Tensor  # [Na_i, D], merged anchors written in
     video_keep: torch.Tensor  # bool [F_i, P]
     video_ratio: float
+    harder: bool = False
 
     @property
     def audio_kept(self) -> int:
@@ -59,6 +62,28 @@ class CompressedClip:
             self.video_ratios,
         )
         return [WindowOutput(i, keep_a, audio, keep_v, ratio) for i, (keep_a, audio, keep_v, ratio) in enumerate(parts)]
+
+
+Window = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # audio [Na_i, D], scores [Na_i], video [F_i, P, D]
+ClipFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, list[int], list[int]], CompressedClip]
+
+
+def compress_windows(windows: Sequence[Window], compress: ClipFn) -> list[WindowOutput]:
+    """Consecutive windows compressed as one clip by ``compress(audio, scores, video, sizes_a,
+    sizes_v)``, cut back into windows (index = position): how a stream that held every window
+    until its flush matches the offline method. A window without frames adds none to the clip
+    and gets an empty mask of its own shape (its P may differ from the clip's)."""
+    ref = windows[0][0]
+    with_video = [v for _, _, v in windows if v.shape[0]]
+    video = torch.cat(with_video) if with_video else ref.new_zeros(0, 1, ref.shape[1])
+    sizes_a = [s.shape[0] for _, s, _ in windows]
+    sizes_v = [v.shape[0] for _, _, v in windows]
+    clip = compress(torch.cat([a for a, _, _ in windows]), torch.cat([s for _, s, _ in windows]), video, sizes_a, sizes_v)
+    return [
+        part if v.shape[0] else dataclasses.replace(
+            part, video_keep=torch.zeros(v.shape[:2], dtype=torch.bool, device=part.video_keep.device))
+        for part, (_, _, v) in zip(clip.windows(sizes_a, sizes_v), windows)
+    ]
 
 
 def group_retention(audio_keep: torch.Tensor, audio_group_sizes: Sequence[int]) -> list[float | None]:

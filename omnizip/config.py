@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 _FRACTIONS = ("rho_audio", "rho_video", "contextual_ratio", "min_ratio", "max_ratio")
@@ -46,6 +46,15 @@ class OmniZipConfig:
     def expected_audio_kept(self) -> float:
         """Kept audio fraction the method aims for: dominant tokens plus contextual anchors."""
         return 1.0 - self.rho_audio + min(self.contextual_ratio, self.rho_audio)
+
+    def stricter(self) -> "OmniZipConfig":
+        """A harder setting for a window of a stream that fell behind live: discard more of both
+        modalities (audio +0.3 up to 0.9, video +0.2 up to 0.95), with the video bounds widened to
+        admit the new ratio and no more anchors than discarded tokens."""
+        rho_a = min(0.9, self.rho_audio + 0.3)
+        rho_v = min(0.95, self.rho_video + 0.2)
+        return replace(self, rho_audio=rho_a, rho_video=rho_v, contextual_ratio=min(self.contextual_ratio, rho_a),
+                       max_ratio=max(self.max_ratio, rho_v), min_ratio=min(self.min_ratio, rho_v))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

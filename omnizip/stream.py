@@ -4,23 +4,34 @@ Each 2-s window is compressed when it closes (or, with a lookahead of L windows,
 have arrived), from that window and the recent past only. The two global steps of the offline
 method get causal stand-ins (``DominanceTracker``, ``VideoRatioController``); anchors, merging
 and ISTC run inside the window exactly as offline. A compressor that is flushed before it has
-emitted anything holds the whole stream, so it applies the offline method to it."""
+emitted anything holds the whole stream, so it applies the offline method to it.
+
+``StreamCompressor`` is the ``"omnizip"`` method of ``omnizip.methods``."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .audio import DominanceTracker, VideoRef, kept_fraction, select_audio
 from .budget import VideoRatioController, base_ratio
-from .compress import WindowOutput, compress_groups, group_retention
+from . import compress as _offline
+from .compress import CompressedClip, WindowOutput, compress_groups, compress_windows
 from .config import OmniZipConfig
 from .ops import inverse_norm, work_dtype
 from .validate import check_clip
 from .video import istc_keep
 
 STATE_FORMAT = "omnizip.stream/1"
+
+
+def check_lookahead(lookahead: object) -> int | None:
+    """``lookahead`` as given, or ValueError: windows held back must be None or an integer >= 0."""
+    if lookahead is not None and (isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0):
+        raise ValueError(f"lookahead must be None or an integer >= 0, got {lookahead!r}")
+    return lookahead
 
 
 @dataclass(frozen=True)
@@ -48,13 +59,13 @@ class StreamCompressor:
     once; None: nothing is final until ``flush``, which then equals ``compress_clip``).
     """
 
+    name = "omnizip"
+
     def __init__(self, cfg: OmniZipConfig | None = None, lookahead: int | None = 0) -> None:
         self.cfg = OmniZipConfig() if cfg is None else cfg
         if not isinstance(self.cfg, OmniZipConfig):
             raise ValueError(f"cfg must be an OmniZipConfig, got {type(self.cfg).__name__}")
-        if lookahead is not None and (isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0):
-            raise ValueError(f"lookahead must be None or an integer >= 0, got {lookahead!r}")
-        self.lookahead = lookahead
+        self.lookahead = check_lookahead(lookahead)
         self._next_index = 0
         self._pending: list[_Window] = []
         self._dominance = DominanceTracker(
@@ -66,10 +77,19 @@ class StreamCompressor:
     def windows_pushed(self) -> int:
         return self._next_index
 
-    def push(self, audio: torch.Tensor, audio_scores: torch.Tensor, video: torch.Tensor) -> list[WindowOutput]:
-        """Add one window (``[Na_i, D]``, ``[Na_i]``, ``[F_i, P, D]``); return the windows that became final."""
+    def push(self, audio: torch.Tensor, audio_scores: torch.Tensor, video: torch.Tensor, *,
+             harder: bool = False) -> list[WindowOutput]:
+        """Add one window (``[Na_i, D]``, ``[Na_i]``, ``[F_i, P, D]``); return the windows that became final.
+
+        ``harder`` (the stream fell behind live): when nothing is held back (lookahead 0), the
+        window is compressed at once by the offline method on itself with ``cfg.stricter()``
+        and flagged ``harder``; it counts as a window (its index) but leaves the audio and video
+        histories untouched, so the stream's targets are not skewed by it. Otherwise ignored.
+        """
         check_clip(audio, audio_scores, video, [audio.shape[0]], [video.shape[0]], allow_empty=True)
         self._check_matches_stream(video)
+        if harder and self.lookahead == 0 and not self._pending:
+            return [self._harder(audio, audio_scores, video)]
         self._pending.append(_Window.checked(self._next_index, audio, audio_scores, video))
         self._next_index += 1
         done: list[WindowOutput] = []
@@ -77,6 +97,18 @@ class StreamCompressor:
             while self.lookahead is not None and len(self._pending) > self.lookahead:
                 done.append(self._finalise_next())
         return done
+
+    def _harder(self, audio: torch.Tensor, audio_scores: torch.Tensor, video: torch.Tensor) -> WindowOutput:
+        index, self._next_index = self._next_index, self._next_index + 1
+        with torch.no_grad():
+            (out,) = compress_windows([(audio.detach(), audio_scores.detach(), video.detach())],
+                                      lambda *clip: compress_groups(*clip, self.cfg.stricter()))
+        return dataclasses.replace(out, index=index, harder=True)
+
+    def compress_clip(self, audio: torch.Tensor, audio_scores: torch.Tensor, video: torch.Tensor,
+                      audio_group_sizes: Sequence[int], video_group_frames: Sequence[int]) -> CompressedClip:
+        """The offline method (``omnizip.compress_clip``) with this compressor's config; no state."""
+        return _offline.compress_clip(audio, audio_scores, video, audio_group_sizes, video_group_frames, self.cfg)
 
     def flush(self) -> list[WindowOutput]:
         """Finalise every held-back window (end of stream)."""
@@ -132,23 +164,16 @@ class StreamCompressor:
 
     def _finalise_all_offline(self) -> list[WindowOutput]:
         windows, self._pending = self._pending, []
-        with_video = [w.video for w in windows if w.video.shape[0]]
-        ref = windows[0].audio
-        video = torch.cat(with_video) if with_video else ref.new_zeros(0, 1, ref.shape[1])
-        sizes_a = [w.scores.shape[0] for w in windows]
-        sizes_v = [w.video.shape[0] for w in windows]
-        clip = compress_groups(
-            torch.cat([w.audio for w in windows]), torch.cat([w.scores for w in windows]), video, sizes_a, sizes_v, self.cfg
-        )
+        parts = compress_windows([(w.audio, w.scores, w.video) for w in windows],
+                                 lambda *clip: compress_groups(*clip, self.cfg))
         out = []
-        for w, part, r in zip(windows, clip.windows(sizes_a, sizes_v), group_retention(clip.audio_keep, sizes_a)):
-            if w.video.shape[0] == 0:  # the window's own (empty) frame shape, not the clip's
-                part = dataclasses.replace(part, video_keep=torch.zeros(w.video.shape[:2], dtype=torch.bool,
-                                                                         device=part.video_keep.device))
+        for w, part in zip(windows, parts):
+            num_audio = w.scores.shape[0]
             self._dominance.record(w.scores, part.audio_kept)
-            if r is not None:
+            if num_audio:
                 num_video = part.video_keep.numel()
-                self._controller.record(base_ratio(r, self.cfg), num_video, num_video - part.video_kept)
+                self._controller.record(base_ratio(part.audio_kept / num_audio, self.cfg), num_video,
+                                        num_video - part.video_kept)
             out.append(dataclasses.replace(part, index=w.index))
         return out
 

@@ -4,7 +4,7 @@ compressor state, so a restarted worker or decoder resumes where the last one st
 Two implementations of one contract (:class:`StreamStore`): :class:`RedisStore` (a real Redis,
 shared by every process of the cluster, survives restarts) and :class:`MemoryStore` (in-process,
 the embedded default when no Redis URL is configured). Payloads are opaque ``bytes``: the window
-object belongs to the model adapter; :mod:`pipeline.codec` turns tensors into bytes.
+object belongs to the model adapter; :mod:`omnizip.codec` turns tensors into bytes.
 
 Redis layout (keys share the hash tag ``{<stream id>}`` so a stream's keys live in one slot):
 - ``omnizip:streams``             set of stream ids

@@ -8,7 +8,7 @@ import uuid
 import pytest
 import torch
 
-from pipeline import codec
+from omnizip import codec
 from pipeline.store import (MemoryStore, RedisStore, Retention, StreamExists, StreamNotFound,
                             WindowOrderError, open_store)
 

@@ -1,18 +1,20 @@
 """What one 2-s window becomes: `EncodedWindow` (encoder output) and `CompressedWindow` (what the decoder gets).
 
 `CompressedWindow` is the hand-over from encoder workers to the decoder and to Redis: plain tensors
-and ints, picklable, with `to_dict`/`from_dict` (plain data) and `to_bytes`/`from_bytes` (one
-safetensors blob: loading never runs code).
+and ints, picklable, with `to_dict`/`from_dict` (plain data) and `to_bytes`/`from_bytes` (the
+`omnizip.codec` blob, safetensors: loading never runs code).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields
 
 import torch
-from safetensors.torch import load as _st_load
-from safetensors.torch import save as _st_save
+
+from omnizip.codec import CodecError, decode, encode
+
+
+WINDOW_FORMAT = "omnizip.window/1"
 
 
 @dataclass
@@ -95,16 +97,19 @@ class CompressedWindow:
         return cls(**data)
 
     def to_bytes(self) -> bytes:
-        d = self.to_dict()
-        tensors = {"embeds": d.pop("embeds").contiguous(), "position_ids": d.pop("position_ids").contiguous()}
-        return _st_save(tensors, metadata={"window": json.dumps(d)})
+        """`omnizip.codec` bytes; the same window always gives the same bytes (idempotent store writes)."""
+        return encode({"format": WINDOW_FORMAT, **self.to_dict()})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "CompressedWindow":
-        tensors = _st_load(data)
-        header_len = int.from_bytes(data[:8], "little")
-        meta = json.loads(data[8:8 + header_len])["__metadata__"]
-        return cls(embeds=tensors["embeds"], position_ids=tensors["position_ids"], **json.loads(meta["window"]))
+        """Inverse of `to_bytes`; CodecError (a ValueError) on bytes that are not a window."""
+        d = decode(data)
+        if not isinstance(d, dict) or d.pop("format", None) != WINDOW_FORMAT:
+            raise CodecError(f"not a CompressedWindow ({WINDOW_FORMAT})")
+        names = {f.name for f in fields(cls)}
+        if set(d) != names or not all(isinstance(d[k], torch.Tensor) for k in ("embeds", "position_ids")):
+            raise CodecError(f"not a CompressedWindow: fields {sorted(d)}, expected {sorted(names)}")
+        return cls(**d)
 
     def _fields(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
