@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 _FRACTIONS = ("rho_audio", "rho_video", "contextual_ratio", "min_ratio", "max_ratio")
+_COUNTS = {"g": 0, "knn_k": 1, "stream_history_windows": 1}  # integer fields and their minimum
 
 
 @dataclass(frozen=True)
@@ -26,21 +27,29 @@ class OmniZipConfig:
     stream_history_windows: int = 60
 
     def __post_init__(self) -> None:
-        for name in _FRACTIONS:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"OmniZipConfig.{name} must be a number in [0, 1], got {value!r}")
-            if not (math.isfinite(value) and 0.0 <= value <= 1.0):
-                raise ValueError(f"OmniZipConfig.{name} must be in [0, 1], got {value!r}")
-            object.__setattr__(self, name, float(value))
+        for name in (*_FRACTIONS, *_COUNTS):
+            object.__setattr__(self, name, self.check_field(name, getattr(self, name)))
         if self.min_ratio > self.max_ratio:
             raise ValueError(
                 f"OmniZipConfig.min_ratio ({self.min_ratio}) must not exceed max_ratio ({self.max_ratio})"
             )
-        for name, low in (("g", 0), ("knn_k", 1), ("stream_history_windows", 1)):
-            value = getattr(self, name)
+
+    @classmethod
+    def check_field(cls, name: str, value: Any) -> Any:
+        """One field's own rule (the value, normalised), or ValueError naming the field: the one
+        place the bounds live, so an API can report each bad field where it is."""
+        if name in _FRACTIONS:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"OmniZipConfig.{name} must be a number in [0, 1], got {value!r}")
+            if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+                raise ValueError(f"OmniZipConfig.{name} must be in [0, 1], got {value!r}")
+            return float(value)
+        if name in _COUNTS:
+            low = _COUNTS[name]
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"OmniZipConfig.{name} must be an integer >= {low}, got {value!r}")
+            return value
+        raise ValueError(f"OmniZipConfig: unknown setting {name!r}")
 
     @property
     def expected_audio_kept(self) -> float:
