@@ -34,6 +34,15 @@ def check_lookahead(lookahead: object) -> int | None:
     return lookahead
 
 
+def check_same_stream(held_audio: torch.Tensor, held_video: torch.Tensor, video: torch.Tensor) -> None:
+    """A new window's ``video`` must match a held window's D and tokens per frame: held windows
+    may be compressed together as one clip."""
+    if held_audio.shape[1] != video.shape[2]:
+        raise ValueError(f"video has D = {video.shape[2]} but this stream's windows have D = {held_audio.shape[1]}")
+    if held_video.shape[0] and video.shape[0] and held_video.shape[1] != video.shape[1]:
+        raise ValueError(f"video has {video.shape[1]} tokens per frame but this stream's frames have {held_video.shape[1]}")
+
+
 @dataclass(frozen=True)
 class _Window:
     """A pushed window awaiting finalisation, with the norms computed when it was checked."""
@@ -124,12 +133,7 @@ class StreamCompressor:
 
     def _check_matches_stream(self, video: torch.Tensor) -> None:
         for w in self._pending[:1]:
-            if w.audio.shape[1] != video.shape[2]:
-                raise ValueError(f"video has D = {video.shape[2]} but this stream's windows have D = {w.audio.shape[1]}")
-            if w.video.shape[0] and video.shape[0] and w.video.shape[1] != video.shape[1]:
-                raise ValueError(
-                    f"video has {video.shape[1]} tokens per frame but this stream's frames have {w.video.shape[1]}"
-                )
+            check_same_stream(w.audio, w.video, video)
 
     def _finalise_next(self) -> WindowOutput:
         cfg = self.cfg

@@ -1,4 +1,5 @@
-"""Offline (whole-clip) path: stock features of the whole clip -> compress_clip -> compressed prefill.
+"""Offline (whole-clip) path: stock features of the whole clip -> a compression method's compress_clip
+-> compressed prefill.
 
 Kept multimodal tokens keep their original TMRoPE positions (SPEC 2.4: gapped, never renumbered);
 text after the block continues from the uncompressed sequence's positions, so with compression off
@@ -11,10 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from omnizip import OmniZipConfig, compress_clip
+from omnizip import CompressionMethod, OmniZipConfig, make_method
 
 from .qwen2_5_omni import Audio, Frames, Qwen25OmniAdapter
-from .window import CompressedWindow, EncodedWindow, compress_encoded, compress_with
+from .window import CompressedWindow, EncodedWindow, compress_with
 
 
 @dataclass
@@ -38,10 +39,18 @@ class ClipPrompt:
         return sum(w.n_tokens for w in self.windows)
 
 
-def compress_encoded_clip(encoded: list[EncodedWindow], cfg: OmniZipConfig | None) -> list[CompressedWindow]:
-    """OmniZip over all windows of a clip at once (cfg None: keep everything)."""
-    if cfg is None:
-        return [compress_encoded(e) for e in encoded]
+def resolve_method(method: str | CompressionMethod | None = None, cfg: OmniZipConfig | None = None) -> CompressionMethod:
+    """A method by name (built with `cfg`) or as given; None: OmniZip with `cfg`, or, when `cfg` is
+    None too, `keep_all` (the deprecated meaning of `cfg=None`; say `method="keep_all"`)."""
+    if method is None:
+        method = "keep_all" if cfg is None else "omnizip"
+    return make_method(method, cfg) if isinstance(method, str) else method
+
+
+def compress_encoded_clip(encoded: list[EncodedWindow],
+                          method: str | CompressionMethod | OmniZipConfig | None) -> list[CompressedWindow]:
+    """A method over all windows of a clip at once (an OmniZipConfig: OmniZip; None: keep everything)."""
+    method = resolve_method(None, method) if isinstance(method, OmniZipConfig) else resolve_method(method)
     ps = {e.video.shape[1] for e in encoded if e.video.shape[0]}
     if len(ps) > 1:
         raise ValueError(f"all LLM frames of a clip must have the same token count, got {sorted(ps)}")
@@ -49,8 +58,8 @@ def compress_encoded_clip(encoded: list[EncodedWindow], cfg: OmniZipConfig | Non
     d = encoded[0].audio.shape[-1]
     video = torch.cat([e.video.reshape(-1, p, d) for e in encoded])
     sizes_a, sizes_v = [e.n_audio for e in encoded], [e.video.shape[0] for e in encoded]
-    out = compress_clip(torch.cat([e.audio for e in encoded]), torch.cat([e.audio_scores for e in encoded]),
-                        video, sizes_a, sizes_v, cfg)
+    out = method.compress_clip(torch.cat([e.audio for e in encoded]), torch.cat([e.audio_scores for e in encoded]),
+                               video, sizes_a, sizes_v)
     return [compress_with(e, w) for e, w in zip(encoded, out.windows(sizes_a, sizes_v))]
 
 
@@ -70,10 +79,14 @@ def assemble_prompt(adapter: Qwen25OmniAdapter, windows: list[CompressedWindow],
 
 
 def clip_prompt(adapter: Qwen25OmniAdapter, audio_16k: Audio, frames: Frames, question: str,
-                cfg: OmniZipConfig | None = None, system_prompt: str | None = None) -> ClipPrompt:
-    """Whole clip -> stock features -> OmniZip (cfg None: off) -> prompt embeddings with gapped positions."""
+                cfg: OmniZipConfig | None = None, system_prompt: str | None = None, *,
+                method: str | CompressionMethod | None = None) -> ClipPrompt:
+    """Whole clip -> stock features -> `method` (a name of `omnizip.METHODS` built with `cfg`, or a
+    CompressionMethod; None: OmniZip with `cfg`, or keep_all when `cfg` is None too) -> prompt
+    embeddings with gapped positions."""
     encoded = adapter.encode_clip(audio_16k, frames, offset=adapter.mm_offset(system_prompt))
-    return assemble_prompt(adapter, compress_encoded_clip(encoded, cfg), question, system_prompt)
+    return assemble_prompt(adapter, compress_encoded_clip(encoded, resolve_method(method, cfg)), question,
+                           system_prompt)
 
 
 def generate(adapter: Qwen25OmniAdapter, prompt: ClipPrompt, max_new_tokens: int = 32,
