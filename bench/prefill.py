@@ -1,11 +1,14 @@
-"""Prefill cost of one 60-s clip: full tokens vs OmniZip's "45%" and "35%" settings.
+"""Prefill cost of one 60-s clip: full tokens vs OmniZip's "45%" and "35%" settings, and every
+compression method of `omnizip.METHODS` side by side (the baselines at --method-setting).
 
 The clip goes through the stock encoders once (not timed: encoders are the same for every setting);
 then, per setting, the compressed prompt (kept tokens at their original positions) is prefilled into
 a fresh KV cache and timed: best of --repeats, settings interleaved round-robin after one warm-up
 (the minimum damps other processes on a shared CPU; all samples are in the JSON). Peak memory: process RSS
 sampled during the prefill on CPU, torch.cuda.max_memory_allocated on GPU.
-Last line: {"preset", "settings": {"full"|"45%"|"35%": {"tokens", "prefill_s", "peak_mem_bytes", "speedup"}}, ...}.
+Last line: {"preset", "settings": {"full"|"45%"|"35%": {"tokens", "prefill_s", "peak_mem_bytes", "speedup"}},
+"methods": {"keep_all"|"omnizip"|"random"|"fixed_ratio": {same fields}}, "methods_setting", ...}
+("keep_all" is "full", "omnizip" is the --method-setting run: one measurement each, not two).
 Presets have random weights: the numbers are about cost, not answers.
 """
 
@@ -28,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from synthetic_av import synthetic_clip  # noqa: E402
 
-from omnizip import PAPER_SETTINGS  # noqa: E402
+from omnizip import METHODS, PAPER_SETTINGS, make_method  # noqa: E402
 from omnizip.models import load_model  # noqa: E402
 from omnizip.models.offline import assemble_prompt, compress_encoded_clip  # noqa: E402
 
@@ -90,6 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--frame-size", default="336x336", help="HxW of the synthetic frames")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--method-setting", choices=sorted(PAPER_SETTINGS), default="35%",
+                    help="the paper setting the baseline methods (random, fixed_ratio) run at")
     args = ap.parse_args(argv)
     h, w = (int(v) for v in args.frame_size.lower().split("x"))
 
@@ -99,13 +104,20 @@ def main(argv: list[str] | None = None) -> dict:
     encoded = model.encode_clip(audio, frames)
     encode_s = time.perf_counter() - t0
 
-    configs = {"full": None, "45%": PAPER_SETTINGS["45%"], "35%": PAPER_SETTINGS["35%"]}
-    prompts = {name: assemble_prompt(model, compress_encoded_clip(encoded, cfg), QUESTION)
-               for name, cfg in configs.items()}
+    # One prompt per label: "full" (keep_all), OmniZip at both paper settings, each baseline method.
+    label_of = {"keep_all": "full", "omnizip": args.method_setting}
+    methods = {"full": make_method("keep_all"), **{s: make_method("omnizip", cfg) for s, cfg in PAPER_SETTINGS.items()}}
+    for name in METHODS:
+        if name not in label_of:
+            label_of[name] = name
+            methods[name] = make_method(name, PAPER_SETTINGS[args.method_setting], seed=args.seed)
+    configs = list(methods)
+    prompts = {label: assemble_prompt(model, compress_encoded_clip(encoded, m), QUESTION) for label, m in methods.items()}
     # warm-up on the smallest prompt (allocator, kernels), then the timed runs, smallest first
-    timed_prefill(model, prompts["35%"].embeds, prompts["35%"].position_ids)
+    by_size = sorted(configs, key=lambda label: prompts[label].n_tokens)
+    timed_prefill(model, prompts[by_size[0]].embeds, prompts[by_size[0]].position_ids)
     results: dict[str, dict] = {}
-    runs = [(name, r) for r in range(args.repeats) for name in ("35%", "45%", "full")]
+    runs = [(name, r) for r in range(args.repeats) for name in by_size]
     times: dict[str, list[float]] = {n: [] for n in configs}
     peaks: dict[str, int] = {n: 0 for n in configs}
     for name, _ in tqdm(runs, desc="prefill", file=sys.stderr):
@@ -120,7 +132,9 @@ def main(argv: list[str] | None = None) -> dict:
                          "peak_mem_bytes": peaks[name], "speedup": round(full_s / s, 3)}
     out = {
         "preset": args.model or args.preset,
-        "settings": results,
+        "settings": {label: results[label] for label in ("full", *PAPER_SETTINGS)},
+        "methods": {name: results[label] for name, label in label_of.items()},
+        "methods_setting": args.method_setting,
         "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
         "clip_s": args.seconds, "frame_hw": [h, w], "encode_s": round(encode_s, 3),
         "retention": {n: round(p.multimodal_kept / p.multimodal_in, 4) for n, p in prompts.items()},
