@@ -111,9 +111,7 @@ def test_unknown_preset_and_bad_paths(tmp_path) -> None:
 def test_local_checkpoint_round_trip(tmp_path) -> None:
     """A thinker checkpoint on disk (weights + tokenizer + preprocessor) loads offline and matches."""
     src = load_model("tiny", seed=3)
-    src.thinker.save_pretrained(tmp_path)
-    src.processor.tokenizer.save_pretrained(tmp_path)
-    src.processor.feature_extractor.save_pretrained(tmp_path)
+    src.save_pretrained(tmp_path)
     loaded = load_model(str(tmp_path))
     assert loaded.token_ids == src.token_ids
     for name, p in src.thinker.state_dict().items():

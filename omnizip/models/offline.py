@@ -3,19 +3,26 @@
 
 Kept multimodal tokens keep their original TMRoPE positions (SPEC 2.4: gapped, never renumbered);
 text after the block continues from the uncompressed sequence's positions, so with compression off
-the sequence, its positions and the greedy tokens are those of the stock `generate`.
+the sequence, its positions and the greedy tokens are those of the stock `generate`. Audio features
+are the stock processor's over the whole clip (the live path computes them per 2-s window; the
+difference is measured in docs/omnizip.md). Everything but `stock_inputs` (a Qwen2.5-Omni check)
+depends only on the `ModelAdapter` protocol.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from omnizip import CompressionMethod, OmniZipConfig, make_method
 
-from .qwen2_5_omni import Audio, Frames, Qwen25OmniAdapter
+from .adapter import Audio, Frames, ModelAdapter
 from .window import CompressedWindow, EncodedWindow, compress_with
+
+if TYPE_CHECKING:
+    from .qwen2_5_omni import Qwen25OmniAdapter
 
 
 @dataclass
@@ -63,7 +70,7 @@ def compress_encoded_clip(encoded: list[EncodedWindow],
     return [compress_with(e, w) for e, w in zip(encoded, out.windows(sizes_a, sizes_v))]
 
 
-def assemble_prompt(adapter: Qwen25OmniAdapter, windows: list[CompressedWindow], question: str,
+def assemble_prompt(adapter: ModelAdapter, windows: list[CompressedWindow], question: str,
                     system_prompt: str | None = None) -> ClipPrompt:
     """prefix + windows (their own positions, re-based to this prefix) + question suffix."""
     prefix = adapter.prompt_prefix(system_prompt)
@@ -78,7 +85,7 @@ def assemble_prompt(adapter: Qwen25OmniAdapter, windows: list[CompressedWindow],
     return ClipPrompt(embeds, positions, windows)
 
 
-def clip_prompt(adapter: Qwen25OmniAdapter, audio_16k: Audio, frames: Frames, question: str,
+def clip_prompt(adapter: ModelAdapter, audio_16k: Audio, frames: Frames, question: str,
                 cfg: OmniZipConfig | None = None, system_prompt: str | None = None, *,
                 method: str | CompressionMethod | None = None) -> ClipPrompt:
     """Whole clip -> stock features -> `method` (a name of `omnizip.METHODS` built with `cfg`, or a
@@ -89,22 +96,22 @@ def clip_prompt(adapter: Qwen25OmniAdapter, audio_16k: Audio, frames: Frames, qu
                            system_prompt)
 
 
-def generate(adapter: Qwen25OmniAdapter, prompt: ClipPrompt, max_new_tokens: int = 32,
+def generate(adapter: ModelAdapter, prompt: ClipPrompt, max_new_tokens: int = 32,
              stop_ids: frozenset[int] | None = None) -> list[int]:
     """Greedy tokens for `prompt` (a fresh cache; compression already applied)."""
     return list(adapter.greedy(adapter.new_cache(), prompt.embeds, prompt.position_ids, max_new_tokens, stop_ids))
 
 
-def stock_inputs(adapter: Qwen25OmniAdapter, audio_16k: Audio, frames: Frames, question: str,
+def stock_inputs(adapter: "Qwen25OmniAdapter", audio_16k: Audio, frames: Frames, question: str,
                  system_prompt: str | None = None) -> dict:
     """The inputs the stock thinker's `generate` takes for the same clip and prompt (use_audio_in_video).
 
     Built like Qwen2.5-Omni's processor lays them out; used to check the adapter against the stock path.
     """
     proc, ids = adapter.processor, adapter.token_ids
-    mel = proc.mel_windows(audio_16k)
+    features = proc.mel_clip(audio_16k)  # [1, 128, 200 n]: the stock extractor over the whole clip
     vp = proc.video_patches(frames)
-    n = mel.shape[0]
+    n = features.shape[-1] // 200
     gh, gw = vp.llm_grid_hw
     block = []
     for _ in range(n):
@@ -112,7 +119,6 @@ def stock_inputs(adapter: Qwen25OmniAdapter, audio_16k: Audio, frames: Frames, q
     prefix = adapter.prompt_prefix(system_prompt).ids
     suffix = adapter.prompt_suffix(question, 0).ids
     input_ids = torch.tensor([prefix + block + suffix])
-    features = mel.permute(1, 0, 2).reshape(1, mel.shape[1], -1)
     dev = adapter.device
     return dict(input_ids=input_ids.to(dev), attention_mask=torch.ones_like(input_ids).to(dev),
                 input_features=features.to(dev, adapter.dtype),

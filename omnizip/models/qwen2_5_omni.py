@@ -3,7 +3,10 @@
 What it adds around the stock thinker:
 - `encode_window(s)` / `encode_clip`: stock `get_audio_features` / `get_video_features`, plus audio
   scores from a pre-hook (scores.py) and TMRoPE positions (positions.py);
-- prompt pieces (system prefix, question suffix) with their positions;
+- prompt pieces (system prefix, question suffix) with their positions, laid out by the checkpoint's
+  own chat template when it has one (its default system prompt included);
+- position bookkeeping for long streams: `window_position_delta` (TMRoPE renumbering) and
+  `key_rotation` (exact re-rotation of cached keys, checked on the model's rotary module);
 - `forward_embeds`: the language model on arbitrary embeddings with explicit (gapped) positions and a
   KV cache, computing the LM head only where asked; `greedy`: streaming greedy decoding on a cache.
 """
@@ -13,31 +16,68 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from transformers import (DynamicCache, Qwen2_5OmniConfig, Qwen2_5OmniThinkerConfig,
                           Qwen2_5OmniThinkerForConditionalGeneration)
 
+from .adapter import PromptPiece
 from .errors import InputShapeError, ModelLoadError
-from .positions import text_position_ids, window_position_ids
+from .positions import (POSITIONS_PER_WINDOW, RopeShift, renumber_delta, text_position_ids,
+                        window_position_ids)
 from .presets import build_config, get_preset
 from .processor import (DEFAULT_SYSTEM_PROMPT, FRAMES_PER_WINDOW, MEL_FRAMES_PER_WINDOW, SAMPLE_RATE,
                         OmniProcessor, build_preset_tokenizer)
 from .scores import AudioScoreRecorder
-from .window import EncodedWindow
+from .window import CompressedWindow, EncodedWindow
 
 Frames = np.ndarray | torch.Tensor
 Audio = np.ndarray | torch.Tensor
+_QUESTION = "\x00QUESTION\x00"  # stands in for the question when a chat template is rendered
+_SYSTEM = "\x00SYSTEM\x00"
 
 
 @dataclass(frozen=True)
-class PromptPiece:
-    """Token ids of a text piece and their [3, n] positions."""
+class ChatLayout:
+    """A chat template cut around one user turn [stream, question]: prefix(system) + stream + between + q + after."""
 
-    ids: list[int]
-    position_ids: torch.Tensor
+    template: str | None
+    default_system: str | None
+    between: str = ""
+    after: str = "<|im_end|>\n<|im_start|>assistant\n"
+
+
+def chat_layout(tokenizer, template: str | None, fallback_system: str | None) -> ChatLayout:
+    """Where the stream and the question go in `template` (None or unusable: Qwen's ChatML layout).
+
+    The template must render a user turn [video, text] with the video as <|vision_bos|><|VIDEO|><|vision_eos|>
+    (as Qwen2.5-Omni's processor template does); its default system prompt is what it renders without one.
+    """
+    if not template:
+        return ChatLayout(None, fallback_system)
+    try:
+        with_sys = _render(tokenizer, template, _SYSTEM)
+        no_sys = _render(tokenizer, template, None)
+    except Exception:  # noqa: BLE001 - a text-only or broken template: the built-in layout
+        return ChatLayout(None, fallback_system)
+    marker = "<|vision_bos|><|VIDEO|><|vision_eos|>"
+    if with_sys.count(marker) != 1 or with_sys.count(_QUESTION) != 1 or with_sys.count(_SYSTEM) != 1:
+        return ChatLayout(None, fallback_system)
+    rest = with_sys.split(marker)[1]
+    between, after = rest.split(_QUESTION)
+    a, b = with_sys.split(marker)[0].split(_SYSTEM)
+    head = no_sys.split(marker)[0]
+    default = head[len(a):len(head) - len(b)] if head.startswith(a) and head.endswith(b) and len(head) >= len(
+        a) + len(b) else None
+    return ChatLayout(template, default, between, after)
+
+
+def _render(tokenizer, template: str, system: str | None) -> str:
+    msgs = ([{"role": "system", "content": system}] if system is not None else []) + [
+        {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": _QUESTION}]}]
+    return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False, add_generation_prompt=True)
 
 
 class Qwen25OmniAdapter:
@@ -52,9 +92,11 @@ class Qwen25OmniAdapter:
         self.name = name
         self.token_ids = processor.token_ids
         self.scores = AudioScoreRecorder(thinker.model.audio_tower)
-        self.default_system_prompt = DEFAULT_SYSTEM_PROMPT
+        self.chat = chat_layout(processor.tokenizer, processor.chat_template, DEFAULT_SYSTEM_PROMPT)
+        self.default_system_prompt = self.chat.default_system
         self.stop_ids = frozenset({self.token_ids["<|im_end|>"], self.token_ids["<|endoftext|>"]})
-        self._prefix_cache: dict[str, PromptPiece] = {}
+        self._prefix_cache: dict[str | None, PromptPiece] = {}
+        self._rope_shift: RopeShift | None = None
 
     # ---- properties -------------------------------------------------------------------------------
     @property
@@ -73,18 +115,53 @@ class Qwen25OmniAdapter:
     def text_config(self):
         return self.thinker.config.text_config
 
+    @property
+    def max_positions(self) -> int:
+        return int(self.text_config.max_position_embeddings)
+
+    @property
+    def positions_per_window(self) -> int:
+        return POSITIONS_PER_WINDOW
+
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.text_config)
 
+    def save_pretrained(self, path: str | Path) -> None:
+        """A thinker checkpoint directory (weights, tokenizer, extractor, video sizing, template) `load_model` reads."""
+        self.thinker.save_pretrained(path)
+        self.processor.save_pretrained(path)
+
+    # ---- long streams -----------------------------------------------------------------------------
+    def window_position_delta(self, window: CompressedWindow, windows_back: int) -> torch.Tensor:
+        """[3, n] TMRoPE change of `window`'s kept tokens when the stream is renumbered `windows_back` earlier."""
+        return renumber_delta(window.video_kept, window.audio_kept, windows_back * POSITIONS_PER_WINDOW)
+
+    def key_rotation(self, delta: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Re-rotation of cached keys [..., n, head_dim] by position deltas [3, n], via the model's rotary module."""
+        if self._rope_shift is None:
+            from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import rotate_half
+
+            lm = self.thinker.model.language_model
+            tc = self.text_config
+            head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+            self._rope_shift = RopeShift(lm.rotary_emb, rotate_half, head_dim)
+        return self._rope_shift(delta)
+
     # ---- prompt layout ----------------------------------------------------------------------------
     def prompt_prefix(self, system_prompt: str | None = None) -> PromptPiece:
-        """`<|im_start|>system ...<|im_end|> <|im_start|>user <|vision_bos|><|audio_bos|>` and positions.
+        """System turn, then `<|im_start|>user\n<|vision_bos|><|audio_bos|>` (or the chat template's), with positions.
 
-        Both bos markers share one position (as in get_rope_index); the block starts one after.
+        None means the model's default system prompt (the checkpoint template's, if it has one). Both
+        bos markers share one position (as in get_rope_index); the block starts one after.
         """
         system_prompt = self.default_system_prompt if system_prompt is None else system_prompt
         if system_prompt not in self._prefix_cache:
-            text = f"<|im_start|>system\n{system_prompt}<|im_end|>\n<|im_start|>user\n"
+            if self.chat.template is not None:
+                text = _render(self.processor.tokenizer, self.chat.template, system_prompt)
+                text = text.split("<|vision_bos|><|VIDEO|>")[0]
+            else:
+                system = f"<|im_start|>system\n{system_prompt}<|im_end|>\n" if system_prompt is not None else ""
+                text = f"{system}<|im_start|>user\n"
             ids = self.processor.encode_text(text)
             n = len(ids)
             ids = ids + [self.token_ids["<|vision_bos|>"], self.token_ids["<|audio_bos|>"]]
@@ -97,10 +174,14 @@ class Qwen25OmniAdapter:
         return int(self.prompt_prefix(system_prompt).position_ids.max()) + 1
 
     def prompt_suffix(self, question: str, start: int) -> PromptPiece:
-        """`<|audio_eos|><|vision_eos|>{question}<|im_end|>\\n<|im_start|>assistant\\n` from position `start`."""
+        """`<|audio_eos|><|vision_eos|>{question}<|im_end|>\n<|im_start|>assistant\n` (or the template's) from `start`.
+
+        The question is encoded as plain text: marker strings typed into it are not control tokens.
+        """
         if not isinstance(question, str) or not question.strip():
             raise ValueError("question must be a non-empty string")
-        q_ids = self.processor.encode_text(f"{question}<|im_end|>\n<|im_start|>assistant\n")
+        enc = self.processor.encode_text
+        q_ids = (enc(self.chat.between) + self.processor.encode_text(question, plain=True) + enc(self.chat.after))
         ids = [self.token_ids["<|audio_eos|>"], self.token_ids["<|vision_eos|>"]] + q_ids
         pos = torch.cat([text_position_ids(1, start), text_position_ids(1, start),
                          text_position_ids(len(q_ids), start + 1)], dim=1)
@@ -143,15 +224,26 @@ class Qwen25OmniAdapter:
         return self._split(audio_tokens, scores, video, grids, list(indices), offset)
 
     def encode_clip(self, audio_16k: Audio, frames: Frames, *, sample_rate: int = SAMPLE_RATE,
-                    offset: int | None = None) -> list[EncodedWindow]:
-        """A whole clip as ONE audio and ONE video through the stock encoders, split into windows after."""
-        mel = self.processor.mel_windows(audio_16k, sample_rate)  # [W, 128, 200]
+                    offset: int | None = None, features: str = "clip") -> list[EncodedWindow]:
+        """A whole clip as ONE audio and ONE video through the stock encoders, split into windows after.
+
+        Log-mel comes from the stock extractor over the whole clip (`mel_clip`), as the stock processor
+        feeds the model; frames share the processor's total-pixel budget if it has one. The live path
+        (`encode_windows`) computes log-mel per window (`features="window"` here gives those, for
+        comparison): docs/omnizip.md measures the difference.
+        """
+        if features == "clip":
+            whole = self.processor.mel_clip(audio_16k, sample_rate)  # [1, 128, 200 W]
+        elif features == "window":
+            mel = self.processor.mel_windows(audio_16k, sample_rate)  # [W, 128, 200]
+            whole = mel.permute(1, 0, 2).reshape(1, mel.shape[1], -1)
+        else:
+            raise ValueError(f"features must be 'clip' or 'window', got {features!r}")
         vp = self.processor.video_patches(frames)
-        n = mel.shape[0]
+        n = whole.shape[-1] // MEL_FRAMES_PER_WINDOW
         if vp.grid_thw[0] * 2 != n * FRAMES_PER_WINDOW:
             raise InputShapeError(f"clip has {n * 2} s of audio but {vp.grid_thw[0] * 2} frames; "
                                   f"expected {n * FRAMES_PER_WINDOW} frames at 2 fps")
-        whole = mel.permute(1, 0, 2).reshape(1, mel.shape[1], -1)  # [1, 128, 200 W]
         audio_tokens, scores = self._audio(whole, torch.tensor([whole.shape[-1]]))
         video = self._video(vp.pixels, [vp.grid_thw])
         return self._split(audio_tokens, scores, video, [vp.llm_grid_hw] * n, list(range(n)), offset)
