@@ -94,7 +94,8 @@ class ModelAdapter(Protocol):
                stop_ids: frozenset[int] | None = None) -> Iterator[int]: ...
 
     def window_position_delta(self, window: CompressedWindow, windows_back: int) -> torch.Tensor:
-        """[3, n] change of `window`'s positions when the stream is renumbered `windows_back` windows earlier."""
+        """[3, n] change of `window`'s positions when the stream is renumbered `windows_back` windows earlier
+        (linear in `windows_back`: the rolling context scales the one-window delta)."""
 
     def key_rotation(self, delta: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """A function re-rotating cached keys [..., n, head_dim] by position deltas [3, n] (exact RoPE shift)."""
