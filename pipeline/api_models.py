@@ -9,7 +9,9 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pipeline.records import OmniZipSettings, StreamSpec
 
 __all__ = [
     "OmniZipSettings", "CreateStreamRequest", "StreamStatus",
@@ -28,60 +30,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class OmniZipSettings(_Strict):
-    """OmniZipConfig fields (omnizip.config), all optional: unset ones keep the defaults.
-    ``rho_*`` are the fractions of tokens discarded."""
-
-    rho_audio: float | None = Field(None, ge=0.0, le=1.0)
-    rho_video: float | None = Field(None, ge=0.0, le=1.0)
-    contextual_ratio: float | None = Field(None, ge=0.0, le=1.0)
-    g: int | None = Field(None, ge=0)
-    min_ratio: float | None = Field(None, ge=0.0, le=1.0)
-    max_ratio: float | None = Field(None, ge=0.0, le=1.0)
-    knn_k: int | None = Field(None, ge=1)
-    stream_history_windows: int | None = Field(None, ge=1)
-
-    @model_validator(mode="after")
-    def _cross_checks(self) -> "OmniZipSettings":
-        # The per-field bounds above are checked by pydantic; what spans fields (min <= max)
-        # is OmniZipConfig's own rule, so ask it rather than restating it.
-        from omnizip.config import OmniZipConfig
-        OmniZipConfig.from_dict(self.to_config())
-        return self
-
-    def to_config(self) -> dict[str, Any]:
-        """Only the fields the client set, as the engine's ``omnizip`` spec expects."""
-        return self.model_dump(exclude_none=True)
-
-
-class CreateStreamRequest(_Strict):
-    """``POST /v1/streams``: what to watch and how hard to compress it."""
-
-    source: str = Field(min_length=1, max_length=4096,
-                        description="rtsp://..., http(s)://..., file path, v4l2:/dev/videoN, lavfi:GRAPH")
-    name: str | None = Field(None, min_length=1, max_length=128,
-                             pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$",
-                             description="a friendly name; also usable as the OpenAI `model`")
-    omnizip: OmniZipSettings | None = None
-    context_tokens: int | None = Field(None, ge=128, description="rolling context budget in tokens "
-                                       "(the engine's default when unset)")
-    lookahead: int = Field(0, ge=0, le=64, description="windows of look-ahead for the compressor")
-    realtime: bool | None = Field(None, description="pace files at media speed (live sources always are)")
-    options: dict[str, Any] | None = Field(None, description="source options (pipeline.sources.SourceOptions)")
-    size: tuple[PositiveInt, PositiveInt] | None = Field(None, description="[height, width] frames are resized to")
-
-    @field_validator("source")
-    @classmethod
-    def _no_blank_source(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("source must not be blank")
-        return v.strip()
+class CreateStreamRequest(StreamSpec):
+    """``POST /v1/streams``: what to watch and how hard to compress it (the engine's own
+    StreamSpec, so the HTTP layer and the service validate a spec the same way)."""
 
     def to_spec(self) -> dict[str, Any]:
-        """The engine's create_stream spec (pipeline.service contract)."""
-        spec = self.model_dump(exclude={"omnizip"})
-        spec["omnizip"] = self.omnizip.to_config() if self.omnizip is not None else None
-        return spec
+        """The fields the client set, as the engine's create_stream spec."""
+        return self.model_dump(exclude_unset=True, exclude_none=True)
 
 
 class StreamStatus(BaseModel):

@@ -193,8 +193,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     start_ray()
     oz = {k: v for k, v in (("rho_audio", args.rho_audio), ("rho_video", args.rho_video)) if v is not None}
     live = bool(classify(args.source).live)
-    spec = {"source": args.source, "omnizip": oz or None, "context_tokens": args.context_tokens,
-            "lookahead": args.lookahead, "realtime": args.realtime or None,
+    spec = {"source": args.source, "method": args.method, "omnizip": oz or None,
+            "context_tokens": args.context_tokens, "lookahead": args.lookahead, "realtime": args.realtime or None,
             "backpressure": not live and not args.realtime}  # a file waits for the model instead of dropping
     cfg = _config(args, name=f"omnizip-run-{os.getpid()}", detached=False)
     return run_stream(cfg, spec, args.question, args.max_tokens, per_window=args.per_window,
@@ -225,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("source", help="rtsp://..., http(s)://..., a file, v4l2:/dev/video0, lavfi:GRAPH")
     r.add_argument("--question", "-q", required=True)
     _model_args(r)
+    r.add_argument("--method", default="omnizip",
+                   help="compression method: omnizip (default), keep_all, random, fixed_ratio")
     r.add_argument("--rho-audio", type=float, help="fraction of audio tokens discarded (default 0.4)")
     r.add_argument("--rho-video", type=float, help="fraction of video tokens discarded (default 0.7)")
     r.add_argument("--context-tokens", type=int, default=None, help="rolling context budget (default 8192)")

@@ -1,0 +1,303 @@
+"""The encoder worker: the model runner of the engine. Streams are pinned to one worker; windows
+of several streams are batched into one ``encode_windows`` call, each window is compressed by
+its stream's compression method (omnizip.METHODS) and written to the store together with the
+method's state, then sent to the stream's decoder.
+
+One step of the loop is take -> run -> emit: the scheduler (pipeline.queues) hands out a
+round-robin batch (dropping or flagging ``harder`` what fell behind live), the model encodes it,
+and the finished windows are stored and forwarded. A restarted worker resumes each stream's
+compressor from the state stored with its last window.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from pipeline.config import ServiceConfig
+from pipeline.messages import CompressedItem, RawWindow, Timing
+from pipeline.metrics import get_metrics
+from pipeline.queues import Added, StreamQueues, Taken
+from pipeline.records import StreamRecord
+from pipeline.runtime import StoreRef, use_threads
+from pipeline.stats import EncoderStats, TokenCounts
+from pipeline.store import StreamNotFound
+
+__all__ = ["EncoderWorker"]
+
+log = logging.getLogger(__name__)
+
+STORE_RETRY_S = 120.0  # a store outage shorter than this is waited out
+
+
+@dataclass
+class _Pending:
+    """An encoded window held back by the method's lookahead, with its timing."""
+
+    enc: Any  # omnizip.models.EncodedWindow
+    timing: Timing
+
+
+@dataclass
+class _Stream:
+    """A stream as its encoder worker sees it."""
+
+    method: Any  # omnizip.methods.CompressionMethod
+    decoder: int
+    backpressure: bool = False
+    pending: list[_Pending] = field(default_factory=list)
+    stats: EncoderStats = field(default_factory=EncoderStats)
+    restored: bool = False  # resumed from the store: windows lost with the old worker are counted once
+    ending: bool = False  # the source ended: flush the windows held back by the lookahead
+
+
+class EncoderWorker:
+    """Encodes and compresses windows of the streams pinned to it, several streams per batch."""
+
+    def __init__(self, name: str, config: ServiceConfig, decoders: list, store: StoreRef) -> None:
+        from omnizip.models import load_model
+
+        use_threads(config.torch_threads)
+        self.name = name
+        self.cfg = config
+        self.decoders = decoders
+        self.store = store.connect()
+        self.metrics = get_metrics()
+        self.model = load_model(config.model, config.device, config.dtype)
+        self.queues: StreamQueues[RawWindow] = StreamQueues(config.queue_policy("encoder"),
+                                                            on_drop=lambda sid, i, why: self.metrics.drop_window(sid, why))
+        self.streams: dict[str, _Stream] = {}
+        self.cond = threading.Condition()
+        self.batches = 0
+        threading.Thread(target=self._loop, name=f"{name}-loop", daemon=True).start()
+
+    # -- intake --
+    @ray.method(concurrency_group="intake", max_task_retries=-1)
+    def submit(self, item: RawWindow) -> Added:
+        """Queue a window under the stream's queue policy (pipeline.queues). A backpressure
+        stream is also told FULL while its decoder holds a full queue of its windows, so a slow
+        decoder holds back the file instead of queueing without bound."""
+        if item.backpressure and self._decoder_full(item.stream_id):
+            return Added.FULL
+        with self.cond:
+            st = self._stream(item.stream_id)
+            if st is None:
+                return Added.UNKNOWN
+            if st.restored:  # windows queued in the worker that died: never compressed, counted here
+                st.restored = False
+                for lost in range(self.queues.high_water(item.stream_id) + 1, item.index):
+                    self.queues.drop(item.stream_id, lost, "error")
+            added = self.queues.add(item)
+            self._gauge()
+            self.cond.notify()
+        return added
+
+    def _decoder_full(self, sid: str) -> bool:
+        st = self.streams.get(sid)
+        if st is None:
+            return False
+        try:
+            backlog = ray.get(self.decoders[st.decoder].backlog.remote(sid), timeout=30)
+        except Exception:  # a decoder being restarted: let the window through (it will be queued)
+            return False
+        return backlog >= self.cfg.queue_windows
+
+    @ray.method(concurrency_group="intake", max_task_retries=-1)
+    def finish(self, stream_id: str) -> bool:
+        """The stream's source ended: windows held back by its lookahead are flushed after its queue."""
+        with self.cond:
+            st = self._stream(stream_id)
+            if st is None:
+                return False
+            st.ending = True
+            self.cond.notify()
+        return True
+
+    def _stream(self, sid: str) -> _Stream | None:
+        """The stream's state; first sight (or a restarted worker) loads its settings and the
+        method's state from the store. None when the store does not know the stream."""
+        st = self.streams.get(sid)
+        if st is not None or self.queues.was_forgotten(sid):
+            return st
+        from omnizip.codec import decode
+        from omnizip.methods import make_method
+        from omnizip.models import EncodedWindow
+
+        try:
+            rec = StreamRecord.from_dict(self.store.get_stream(sid))
+        except StreamNotFound:
+            return None
+        s = rec.settings
+        st = _Stream(make_method(s.method, s.config(), lookahead=s.lookahead), rec.decoder, rec.backpressure)
+        st.stats.decoder = rec.decoder
+        saved = self.store.load_state(sid)
+        done_through = -1
+        if saved is not None:  # a restarted worker: continue where the last one stopped
+            state = decode(saved.data)
+            st.method.load_state_dict(state["compressor"])
+            st.pending = [_Pending(EncodedWindow(**p["enc"]), Timing(**p["timing"])) for p in state["pending"]]
+            done_through = st.stats.last_pushed = int(state["last_pushed"])
+            st.stats.harder = int(state["harder"])
+            st.stats.tokens = TokenCounts(**state["tokens"])
+            st.restored = True
+            self.metrics.reconnect("actor", sid)
+        self.queues.open(sid, done_through)
+        if saved is not None:
+            self.queues.restore_drops(sid, state["drops"])
+        self.streams[sid] = st
+        return st
+
+    # -- the loop: take -> run -> emit --
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.queues.has_work() and not any(s.ending for s in self.streams.values()):
+                    self.cond.wait(0.5)
+                batch = self.queues.take(self.cfg.max_batch, time.time())
+                self._gauge()
+            self._flush_ended()
+            if not batch:
+                continue
+            try:
+                self._run_batch(batch)
+            except Exception:
+                log.exception("%s: batch failed", self.name)
+                for t in batch:
+                    self.queues.drop(t.window.stream_id, t.window.index, "error")
+            finally:
+                with self.cond:
+                    for t in batch:
+                        self.queues.finish(t.window.stream_id)
+
+    def _run_batch(self, batch: list[Taken[RawWindow]]) -> None:
+        t = time.perf_counter()
+        wins = [(b.window.window.audio, b.window.window.frames if b.window.window.has_video else None) for b in batch]
+        encoded = self.model.encode_windows(wins, [b.window.index for b in batch])
+        dt = time.perf_counter() - t
+        self.batches += 1
+        self.metrics.observe_batch(len(batch))
+        for b, enc in zip(batch, encoded):
+            self.metrics.observe_stage("encode", dt)
+            item = b.window
+            st = self.streams.get(item.stream_id)
+            if st is None:
+                continue  # deleted meanwhile
+            try:
+                self._compress(item, st, enc, b.harder)
+            except StreamNotFound:
+                continue
+            except Exception as exc:
+                log.exception("%s: stream %s window %d failed: %s", self.name, item.stream_id, item.index, exc)
+                self.queues.drop(item.stream_id, item.index, "error")
+
+    def _compress(self, item: RawWindow, st: _Stream, enc: Any, harder: bool) -> None:
+        t = time.perf_counter()
+        outs = st.method.push(enc.audio, enc.audio_scores, enc.video, harder=harder)
+        st.pending.append(_Pending(enc, item.timing))
+        if item.window.final:
+            outs += st.method.flush()
+        st.stats.last_pushed = item.index
+        self.metrics.observe_stage("compress", time.perf_counter() - t)
+        self._emit(item.stream_id, st, outs, pushed=item.index)
+
+    def _flush_ended(self) -> None:
+        with self.cond:
+            ended = [(sid, st) for sid, st in self.streams.items()
+                     if st.ending and not self.queues.depth(sid) and not self.queues.in_flight(sid)]
+            for _, st in ended:
+                st.ending = False
+        for sid, st in ended:
+            try:
+                self._emit(sid, st, st.method.flush(), pushed=None)
+            except StreamNotFound:
+                continue
+            except Exception:
+                log.exception("%s: flushing stream %s failed", self.name, sid)
+                self.queues.drop(sid, st.stats.last_pushed, "error")
+
+    def _emit(self, sid: str, st: _Stream, outs: list, pushed: int | None) -> None:
+        """Count, store (with the method's state after them) and send on the finished windows."""
+        from omnizip.codec import encode
+        from omnizip.models import compress_with
+
+        done = []
+        for o in outs:
+            p = st.pending.pop(0)
+            cw = compress_with(p.enc, o)
+            st.stats.tokens.add(cw)
+            st.stats.harder += int(o.harder)
+            self.metrics.record_window(sid, {"audio": cw.audio_in, "video": cw.video_in},
+                                       {"audio": cw.audio_kept, "video": cw.video_kept})
+            done.append((cw, p.timing, bool(o.harder)))
+        state = encode(self._state(sid, st))  # after these windows: travels with their store write
+        if not done:
+            if pushed is not None:
+                self.store.save_state(sid, pushed, state)
+            return
+        for k, (cw, timing, harder) in enumerate(done):
+            fields = {"audio_in": cw.audio_in, "audio_kept": cw.audio_kept, "video_in": cw.video_in,
+                      "video_kept": cw.video_kept, "harder": harder, "t0": timing.t0}
+            payload = cw.to_bytes()
+            self._store_window(sid, cw.index, payload, timing, fields, state if k == len(done) - 1 else None)
+            st.stats.last_stored = cw.index
+            self.decoders[st.decoder].push.remote(CompressedItem(sid, cw.index, timing, payload, st.backpressure))
+
+    def _state(self, sid: str, st: _Stream) -> dict:
+        return {"compressor": st.method.state_dict(), "last_pushed": st.stats.last_pushed, "harder": st.stats.harder,
+                "tokens": dataclasses.asdict(st.stats.tokens), "drops": self.queues.drops(sid),
+                "pending": [{"enc": {f.name: getattr(p.enc, f.name) for f in dataclasses.fields(p.enc)},
+                             "timing": dataclasses.asdict(p.timing)} for p in st.pending]}
+
+    def _store_window(self, sid: str, index: int, payload: bytes, timing: Timing, fields: dict,
+                      state: bytes | None) -> None:
+        """Append to the store; a store outage longer than the client's own retries is waited out."""
+        deadline = time.monotonic() + STORE_RETRY_S
+        failed = False
+        while True:
+            try:
+                self.store.append_window(sid, index, payload, media_start=timing.start, media_end=timing.end,
+                                         fields=fields, state=state)
+                if failed:
+                    self.metrics.reconnect("redis", sid)
+                return
+            except (StreamNotFound, ValueError, TypeError):
+                raise
+            except Exception as exc:
+                if time.monotonic() > deadline or self.queues.was_forgotten(sid):
+                    raise
+                failed = True
+                log.warning("%s: store append failed (%s); retrying", self.name, exc)
+                time.sleep(0.5)
+
+    def _gauge(self) -> None:
+        self.metrics.set_queue_depth(f"encoder:{self.name}", self.queues.depth())
+
+    # -- control --
+    def forget(self, stream_id: str) -> bool:
+        """Drop everything of a deleted stream (queue, compressor)."""
+        with self.cond:
+            self.queues.forget(stream_id)
+            return self.streams.pop(stream_id, None) is not None
+
+    def stats(self, stream_id: str) -> EncoderStats:
+        with self.cond:
+            st = self.streams.get(stream_id)
+            if st is None:
+                return EncoderStats()
+            return dataclasses.replace(st.stats, known=True, queue=self.queues.depth(stream_id),
+                                       busy=self.queues.in_flight(stream_id), ending=st.ending,
+                                       tokens=dataclasses.replace(st.stats.tokens), drops=self.queues.drops(stream_id))
+
+    def health(self) -> dict:
+        with self.cond:
+            return {"name": self.name, "streams": len(self.streams), "batches": self.batches,
+                    "queue": self.queues.depth(), "ok": True}
+
+    def ping(self) -> bool:
+        return True

@@ -1,0 +1,72 @@
+"""What travels between the engine's stages: one message type per hand-over, each carrying its
+window's own timing (media span, the stream's live clock) so no stage keeps side tables.
+
+    IngestActor --RawWindow--> EncoderWorker --CompressedItem--> DecoderActor
+
+Both satisfy pipeline.queues.QueuedWindow (stream_id, index, backpressure, lag). No torch import:
+the ingest actors use this module and never load torch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["CompressedItem", "RawWindow", "Timing", "lag_of"]
+
+
+def lag_of(t0: float | None, end: float, now: float | None = None) -> float | None:
+    """Seconds the window ending at media time ``end`` is behind live (None for unpaced files)."""
+    if t0 is None:
+        return None
+    return (time.time() if now is None else now) - (t0 + end)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """A window's place in media time and on the stream's live clock."""
+
+    start: float  # media seconds
+    end: float
+    t0: float | None  # wall time of media time 0 for live / realtime sources; None for files
+
+    def lag(self, now: float | None = None) -> float | None:
+        return lag_of(self.t0, self.end, now)
+
+
+@dataclass
+class RawWindow:
+    """One decoded 2-s window (pipeline.windows.AVWindow) on its way to its encoder worker."""
+
+    stream_id: str
+    window: Any  # pipeline.windows.AVWindow
+    t0: float | None
+    arrived: float  # wall time it left ingestion
+    backpressure: bool = False  # a file that can wait: never dropped, ingestion waits instead
+
+    @property
+    def index(self) -> int:
+        return int(self.window.index)
+
+    @property
+    def timing(self) -> Timing:
+        return Timing(float(self.window.start), float(self.window.end), self.t0)
+
+    def lag(self, now: float) -> float | None:
+        return lag_of(self.t0, self.window.end, now)
+
+
+@dataclass
+class CompressedItem:
+    """One compressed window (``payload`` = CompressedWindow.to_bytes) on its way to the decoder,
+    as stored: the decoder can equally read it back from the store."""
+
+    stream_id: str
+    index: int
+    timing: Timing
+    payload: bytes
+    backpressure: bool = False
+
+    def lag(self, now: float) -> float | None:
+        return self.timing.lag(now)
