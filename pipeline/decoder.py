@@ -10,7 +10,6 @@ windows whose push was lost are read back from the store.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time

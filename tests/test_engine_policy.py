@@ -18,8 +18,6 @@ from test_engine_service import answer, ended, healthy, lavfi, wait
 
 @pytest.fixture(scope="module")
 def svc(ray_session: dict) -> Iterator[Any]:
-    import ray
-
     from pipeline.service import get_or_create_service, shutdown_service
     # one window per encoder call, queues of 2: an unpaced file outruns the encoder
     handle = get_or_create_service({"name": "eng-mem", "queue_windows": 2, "max_batch": 1,

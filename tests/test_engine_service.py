@@ -53,8 +53,6 @@ def ended(st: dict) -> bool:
 
 @pytest.fixture(scope="module")
 def svc(ray_session: dict, redis_server: Any) -> Iterator[Any]:
-    import ray
-
     from pipeline.service import get_or_create_service, shutdown_service
     handle = get_or_create_service({"name": "eng-redis", "redis_url": redis_server.url, "context_tokens": 4096})
     assert healthy(handle)["ok"]

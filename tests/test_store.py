@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from omnizip import codec
-from pipeline.store import (MemoryStore, RedisStore, Retention, StreamExists, StreamNotFound,
+from pipeline.store import (MemoryStore, Retention, StreamExists, StreamNotFound,
                             WindowOrderError, open_store)
+from pipeline.store_redis import RedisStore
 
 
 def own_db(redis_server) -> str:
