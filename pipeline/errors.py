@@ -3,11 +3,14 @@ from __future__ import annotations
 
 
 class SourceError(RuntimeError):
-    """Base of every ingestion error; `url` names the source that failed."""
+    """Base of every ingestion error; `url` names the source that failed. Both the message and
+    `url` are redacted (no user:password@, no token parameters): they reach clients and logs."""
 
     def __init__(self, message: str, url: str | None = None) -> None:
-        super().__init__(message)
-        self.url = url
+        from pipeline.source_policy import redact  # late: source_policy builds on this module
+
+        super().__init__(redact(message))
+        self.url = None if url is None else redact(url)
 
 
 class UnsupportedSourceError(SourceError, ValueError):

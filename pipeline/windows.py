@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import av
 import numpy as np
 
+from pipeline.source_policy import SourcePolicy
 from pipeline.sources import AudioChunk, Reconnected, Source, SourceOptions, VideoChunk
 from pipeline.errors import SourceError
 
@@ -377,19 +378,21 @@ def _whole(x: float, what: str) -> int:
 def iter_windows(source: str | os.PathLike | Source, *, window_s: float = 2.0, fps: float = 2.0,
                  sample_rate: int = 16000, realtime: bool | None = None,
                  options: SourceOptions | Mapping | None = None,
-                 size: tuple[int, int] | None = None) -> Iterator[AVWindow]:
+                 size: tuple[int, int] | None = None,
+                 policy: SourcePolicy | None = None) -> Iterator[AVWindow]:
     """Yield aligned AVWindows from a URL, path, `lavfi:` graph, device or an opened Source.
 
     realtime: None paces nothing (live sources arrive at their own pace), True paces a file at
     real time so it behaves like a live source. size: (H, W) to scale frames to (else the
-    source's size). A SourceError raised by the source comes after the windows it completed.
+    source's size). policy: the SourcePolicy a URL is opened under (None: permissive; an opened
+    Source keeps its own). A SourceError raised by the source comes after the windows it completed.
     """
     if not (window_s > 0 and fps > 0):
         raise ValueError(f"window_s and fps must be positive, got {window_s} and {fps}")
     if size is not None and (len(size) != 2 or min(size) <= 0):
         raise ValueError(f"size must be (H, W) with positive sides, got {size!r}")
     owned = not isinstance(source, Source)
-    src = Source(source, options, sample_rate=sample_rate) if owned else source
+    src = Source(source, options, sample_rate=sample_rate, policy=policy) if owned else source
     if src.sample_rate != sample_rate:
         raise ValueError(f"the source resamples to {src.sample_rate} Hz but sample_rate={sample_rate}")
     try:
