@@ -139,3 +139,81 @@ class HttpServer:
 
 def have_ffmpeg() -> bool:
     return shutil.which("ffmpeg") is not None
+
+
+class RecordingTcpListener:
+    """Accepts TCP connections on `host` and records each with the first bytes it sent: a target
+    that must never be reached. `wait_quiet()` gives pending connections time to show up."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.sock = socket.socket()
+        self.sock.bind((host, 0))
+        self.sock.listen(16)
+        self.host, self.port = host, self.sock.getsockname()[1]
+        self.seen: list[bytes] = []
+        self._stop = False
+        self._t = threading.Thread(target=self._accept, daemon=True)
+        self._t.start()
+
+    def _accept(self) -> None:
+        self.sock.settimeout(0.05)
+        while not self._stop:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                continue
+            c.settimeout(0.3)
+            data = b""
+            with contextlib.suppress(OSError):
+                data = c.recv(4096)
+            self.seen.append(data)
+            c.close()
+
+    def wait_quiet(self, seconds: float = 0.3) -> list[bytes]:
+        time.sleep(seconds)
+        return list(self.seen)
+
+    def close(self) -> None:
+        self._stop = True
+        self._t.join(2)
+        self.sock.close()
+
+
+class RoutedHttpServer:
+    """A static HTTP server for a directory on `host` (any 127/8 address) that also answers
+    chosen paths with a redirect: `redirects = {"/path": "Location value"}` (302)."""
+
+    def __init__(self, directory: Path, host: str = "127.0.0.1",
+                 redirects: dict[str, str] | None = None) -> None:
+        import functools
+        from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+        routes = dict(redirects or {})
+        self.requests: list[str] = []
+        requests = self.requests
+
+        class Handler(SimpleHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                requests.append(self.path)
+                if self.path in routes:
+                    self.send_response(302)
+                    self.send_header("Location", routes[self.path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                super().do_GET()
+
+        self.httpd = ThreadingHTTPServer((host, 0), functools.partial(Handler, directory=str(directory)))
+        self.host, self.port = host, self.httpd.server_address[1]
+        self._t = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._t.start()
+
+    def url(self, name: str) -> str:
+        return f"http://{self.host}:{self.port}/{name.lstrip('/')}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
