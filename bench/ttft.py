@@ -1,4 +1,4 @@
-"""Time to first answer token at simulated stream lengths (1, 5, 20 min), three ways.
+"""Time to first answer token at simulated stream lengths (1, 5, 20, 60 min), three ways.
 
 - rolling_s: the stream's warm, compressed RollingContext (KV cache within --budget tokens): only the
   question is prefilled.
@@ -9,7 +9,11 @@ later stream indices (their TMRoPE positions are those of the later index), ever
 by the streaming compressor in order; the rolling cache for minute M is rebuilt from the windows
 up to M (what the decoder does after a restart) and the last --live windows are appended live
 (incremental prefill with eviction). Each figure is the best of its repeats (the minimum damps other
-processes on a shared CPU); all samples are in the JSON. Last line: {"minutes", "rolling_s", "reprefill_s", "uncompressed_s", ...}.
+processes on a shared CPU); all samples are in the JSON. Positions: the largest position the rolling
+context fed the LM at each point (windows, question and answer; the held windows are renumbered from
+the oldest one) against the model's max_position_embeddings (the two re-prefill baselines keep the
+windows' original positions: they are there for their cost). Last line: {"minutes", "rolling_s",
+"reprefill_s", "uncompressed_s", "max_position", "positions_in_range", ...}.
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", default=None, help="local Qwen2.5-Omni checkpoint dir (overrides --preset)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None)
-    ap.add_argument("--minutes", type=int, nargs="+", default=[1, 5, 20])
+    ap.add_argument("--minutes", type=int, nargs="+", default=[1, 5, 20, 60])
     ap.add_argument("--budget", type=int, default=4096, help="rolling context budget in tokens")
     ap.add_argument("--setting", default="35%", choices=sorted(PAPER_SETTINGS))
     ap.add_argument("--frame-size", default="336x336")
@@ -92,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
         next(model.greedy(model.new_cache(), warm.embeds, warm.position_ids, 1))
     res: dict[str, list] = {k: [] for k in ("rolling_s", "reprefill_s", "uncompressed_s", "context_tokens",
                                             "reprefill_tokens", "uncompressed_tokens", "context_windows",
-                                            "samples_s")}
+                                            "samples_s", "max_position")}
     for minutes in tqdm(args.minutes, desc="stream lengths", file=sys.stderr):
         n = 30 * minutes
         ctx = RollingContext(model, budget_tokens=args.budget)
@@ -123,11 +127,14 @@ def main(argv: list[str] | None = None) -> dict:
         res["reprefill_tokens"].append(comp.n_tokens)
         res["uncompressed_tokens"].append(full.n_tokens)
         res["context_windows"].append(len(held))
+        res["max_position"].append(ctx.max_position_used)
     out = {"minutes": args.minutes, "rolling_s": res.pop("rolling_s"), "reprefill_s": res.pop("reprefill_s"),
            "uncompressed_s": res.pop("uncompressed_s"), "preset": args.model or args.preset,
            "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
            "setting": args.setting, "budget_tokens": args.budget, "frame_hw": [h, w], **res,
-           "rolling_last_over_first": None, "random_weights": args.model is None}
+           "rolling_last_over_first": None, "random_weights": args.model is None,
+           "max_position_embeddings": model.max_positions}
+    out["positions_in_range"] = all(p < model.max_positions for p in out["max_position"])
     out["rolling_last_over_first"] = round(out["rolling_s"][-1] / out["rolling_s"][0], 3)
     print(json.dumps(out))
     return out

@@ -34,3 +34,13 @@ def test_ttft_bench_json() -> None:
         assert len(r[key]) == 2 and all(v > 0 for v in r[key])
     assert all(t <= 400 for t in r["context_tokens"])
     assert all(u > c for u, c in zip(r["uncompressed_tokens"], r["reprefill_tokens"]))
+    assert r["positions_in_range"] and max(r["max_position"]) < r["max_position_embeddings"]
+
+
+def test_refresh_bench_json() -> None:
+    r = last_json(["bench/refresh.py", "--preset", "tiny", "--windows", "24", "--budget", "300", "--frame-size",
+                   "56x56", "--distinct", "2", "--refresh-every", "none", "5", "--measure-every", "2"])
+    assert set(r["series"]) == {"none", "5"} and r["series"]["5"]["refreshes"] >= 2
+    none = r["series"]["none"]
+    assert none["refreshes"] == 0 and none["evicted"][-1] > 0 and none["max_window_dev"] > 0
+    assert r["refresh_s"] > 0 and r["amortised_per_window_s"]["5"] > 0
