@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from .adapter import ModelAdapter, PromptTokens, fold_messages
+from .detok import IncrementalDetokenizer
 from .errors import InputShapeError, ModelLoadError
 from .presets import PRESETS
 from .window import CompressedWindow, EncodedWindow, compress_encoded, compress_with
@@ -25,7 +27,7 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def load_model(name_or_path: str | Path, device: str | torch.device = "cpu",
-               dtype: str | torch.dtype | None = None, seed: int = 0):
+               dtype: str | torch.dtype | None = None, seed: int = 0) -> ModelAdapter:
     """A model adapter: a preset name (tiny|small|3b|7b, random weights) or a local checkpoint directory.
 
     Checkpoints are read with local_files_only; a missing path, a non-checkpoint directory or another
@@ -53,4 +55,5 @@ def __getattr__(name: str):
 
 
 __all__ = ["load_model", "parse_dtype", "PRESETS", "CompressedWindow", "EncodedWindow", "compress_encoded",
-           "compress_with", "ModelLoadError", "InputShapeError", "RollingContext", "Qwen25OmniAdapter"]
+           "compress_with", "ModelLoadError", "InputShapeError", "RollingContext", "Qwen25OmniAdapter",
+           "ModelAdapter", "PromptTokens", "fold_messages", "IncrementalDetokenizer"]
