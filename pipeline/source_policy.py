@@ -472,6 +472,8 @@ class SourcePolicy:
         opens nothing (file paths are resolved with realpath only)."""
         kind, s = _kind_of(source)
         if self.unrestricted:
+            if kind == "file-url" and has_control_chars(file_url_path(s)):
+                raise SourceRefused("control-char", "control characters in the path")
             return
         if kind in NETWORK_SCHEMES:
             self.check_network(s)
@@ -606,6 +608,13 @@ class SourcePolicy:
         elif not self.unrestricted and "device" not in self.allow:
             raise SourceRefused("device:not-allowed", "capture devices are not enabled on this service", spec)
 
+    @staticmethod
+    def kind(source: Any) -> str:
+        """What a source is, as the policy sees it: 'rtsp', 'rtsps', 'http', 'https', 'file',
+        'file-url', 'lavfi' or 'device'. Raises SourceRefused for control characters and for
+        every other scheme or FFmpeg protocol, whatever the policy."""
+        return _kind_of(source)[0]
+
     def protocol_whitelist(self, source: Any) -> str:
         """The fixed FFmpeg protocol_whitelist for the source's scheme: rtsp 'rtsp,rtp,udp,tcp'
         (+tls for rtsps), http 'http,tcp', https 'https,tls,tcp' (HLS playlists included), file
@@ -651,8 +660,8 @@ def _kind_of(source: Any) -> tuple[str, str]:
             return scheme, s
         if scheme == "file":
             return "file-url", s
-        raise SourceRefused("scheme", f"scheme {scheme!r} is not allowed; allowed: rtsp, rtsps, http, "
-                            "https, file paths, lavfi:, v4l2:", s)
+        raise SourceRefused("scheme", f"scheme {scheme!r} is not allowed; allowed: rtsp://, rtsps://, "
+                            "http(s):// (media or HLS), file paths or file://, lavfi:, v4l2:", s)
     if re.match(r"^/dev/video\d+$", s):
         return "device", s
     if _FF_PROTOCOL.match(s) or s.startswith("subfile,"):

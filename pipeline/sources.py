@@ -195,8 +195,10 @@ class Source:
 
     def __init__(self, url: str | os.PathLike, options: SourceOptions | Mapping | None = None,
                  *, sample_rate: int = 16000, policy: SourcePolicy | None = None) -> None:
-        self.spec = classify(url)
         self.policy = SourcePolicy.permissive() if policy is None else policy
+        if isinstance(url, (str, os.PathLike)):
+            self.policy.kind(url)  # other schemes and FFmpeg protocols: SourceRefused("scheme")
+        self.spec = classify(url)
         # restricting policy: http(s)/HLS/file I/O goes through the policy-checking opener
         self.guarded = not self.policy.unrestricted and self.spec.kind in ("http", "hls", "file")
         self.options = SourceOptions.coerce(options)
@@ -232,9 +234,17 @@ class Source:
             raise SourceUnavailableError(f"{self.url}: no such file", self.url)
         self._open_containers()
         if self.spec.live is None and self.options.live is None:  # http(s)/HLS: live if unbounded
-            self.live = self._containers[0][0].duration is None
+            self.live = self._containers[0][0].duration is None and not self._sized_http()
         self._opened = True
         return self
+
+    def _sized_http(self) -> bool:
+        """A guarded plain-http source with a Content-Length is a file, not a live stream (PyAV's
+        custom I/O cannot tell FFmpeg the size, so a TS file would show no duration)."""
+        if self._opener is None or self.spec.kind != "http":
+            return False
+        main = self._opener.first
+        return isinstance(main, _HttpReader) and main.size is not None
 
     def check(self) -> None:
         """The policy's verdict on this source, its paired audio input and its raw options."""
@@ -559,6 +569,7 @@ class _GuardedOpener:
     def __init__(self, source: Source) -> None:
         self.source = source
         self.refused: SourceRefused | None = None  # the first refusal; the source stops on it
+        self.first: Any = None  # what the latest open of the source itself returned
         self._files: list[Any] = []
         self._lock = threading.Lock()
 
@@ -571,6 +582,8 @@ class _GuardedOpener:
             log.warning("%s: refused to open %s: %s", self.source.url, redact(url), e)
             raise
         with self._lock:
+            if not self._files:
+                self.first = f
             self._files.append(f)
         return f
 
