@@ -553,6 +553,7 @@ SAFE_INPUT_OPTIONS = frozenset({
 })
 _AVIO_FLAG_WRITE = 2
 _MAX_REDIRECTS = 5
+_SKIP_FORWARD = 512 * 1024  # bytes a forward seek reads through instead of a new request
 _USER_AGENT = "OmniZip-Stream"
 
 
@@ -698,9 +699,9 @@ class _HttpReader:
                 if target.scheme == "https" else _PinnedHTTP(target, self.open_timeout))
             q = urllib.parse.urlsplit(url)
             path = (q.path or "/") + (f"?{q.query}" if q.query else "")
-            headers = {"User-Agent": _USER_AGENT, "Accept": "*/*", "Connection": "close"}
-            if offset:
-                headers["Range"] = f"bytes={offset}-"
+            # like FFmpeg: always ask for a range, so a 206 tells the server can seek
+            headers = {"User-Agent": _USER_AGENT, "Accept": "*/*", "Connection": "close",
+                       "Range": f"bytes={offset}-"}
             if auth and _origin(url) == origin:
                 headers["Authorization"] = auth
             try:
@@ -732,7 +733,8 @@ class _HttpReader:
             elif length and length.isdigit():
                 self.size = offset + int(length)
             if offset == 0:
-                self._ranges = resp.getheader("Accept-Ranges", "").strip().lower() == "bytes"
+                self._ranges = (resp.status == 206
+                                or resp.getheader("Accept-Ranges", "").strip().lower() == "bytes")
             return
         raise OSError(errno.EIO, f"more than {_MAX_REDIRECTS} redirects")
 
@@ -767,6 +769,12 @@ class _HttpReader:
             return self.pos
         if not self.seekable() or offset < 0:
             raise OSError(errno.ESPIPE, "not seekable")
+        if self._resp is not None and 0 < offset - self.pos <= _SKIP_FORWARD:
+            while self.pos < offset:  # a short hop forward: read through, no new request
+                if not self.read(min(65536, offset - self.pos)):
+                    break
+            if self.pos == offset:
+                return self.pos
         self._close()
         if self.size is not None and offset >= self.size:
             self.pos = offset  # at or past the end: reads give EOF

@@ -180,8 +180,9 @@ class RecordingTcpListener:
 
 
 class RoutedHttpServer:
-    """A static HTTP server for a directory on `host` (any 127/8 address) that also answers
-    chosen paths with a redirect: `redirects = {"/path": "Location value"}` (302)."""
+    """A static HTTP server for a directory on `host` (any 127/8 address) that serves byte ranges
+    (`Range: bytes=N-`, as FFmpeg asks) and answers chosen paths with a redirect:
+    `redirects = {"/path": "Location value"}` (302). `requests` lists the paths asked for."""
 
     def __init__(self, directory: Path, host: str = "127.0.0.1",
                  redirects: dict[str, str] | None = None) -> None:
@@ -203,6 +204,23 @@ class RoutedHttpServer:
                     self.send_header("Location", routes[self.path])
                     self.send_header("Content-Length", "0")
                     self.end_headers()
+                    return
+                rng = self.headers.get("Range", "")
+                path = Path(self.translate_path(self.path))
+                if rng.startswith("bytes=") and rng.endswith("-") and path.is_file():
+                    data = path.read_bytes()  # small test files: serve the range from memory
+                    start = int(rng[len("bytes="):-1] or 0)
+                    if start >= len(data):
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(data)}")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                    self.send_header("Content-Length", str(len(data) - start))
+                    self.end_headers()
+                    self.wfile.write(data[start:])
                     return
                 super().do_GET()
 
