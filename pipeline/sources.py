@@ -428,6 +428,8 @@ class Source:
             rs, self._resampler = self._resampler, None
             for out in rs.resample(None):
                 yield self._audio_chunk(out)
+        if self._opener is not None and self._opener.refused is not None:
+            raise self._opener.refused  # FFmpeg skipped a refused segment: the source ends refused
 
     def _resample(self, fr: av.AudioFrame) -> Iterator[AudioChunk]:
         key = (fr.format.name, fr.layout.name, fr.sample_rate)
