@@ -81,7 +81,7 @@ def main() -> None:
 
     start_ray()
     svc = get_or_create_service({"name": f"bench-{os.getpid()}", "detached": False, "ingest_cpus": 0.02,
-                                 "max_batch": args.max_batch})
+                                 "max_batch": args.max_batch, "allow_sources": "lavfi"})
     import ray
     ray.get(svc.health.remote(), timeout=300)
     t0 = time.monotonic()

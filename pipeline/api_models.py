@@ -12,16 +12,20 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.records import OmniZipSettings, StreamSpec
+from pipeline.source_policy import HttpSourceOptions
 
 __all__ = [
     "OmniZipSettings", "CreateStreamRequest", "StreamStatus",
     "StreamList", "DeleteResponse", "AskRequest", "AskResponse", "ChatMessage",
     "ChatCompletionRequest", "ChatCompletion", "ChatCompletionChunk", "Usage", "ModelCard",
-    "ModelList", "Health", "ErrorBody", "ErrorResponse", "MAX_ANSWER_TOKENS",
+    "ModelList", "Health", "ErrorBody", "ErrorResponse", "MAX_ANSWER_TOKENS", "MAX_QUESTION_CHARS",
 ]
 
 #: Upper bound on one answer's length: a question must not hold a decoder for minutes.
 MAX_ANSWER_TOKENS = 1024
+#: Upper bound on a question's length in characters: /ask's question, or all of a chat's messages.
+MAX_QUESTION_CHARS = 8192
+MAX_CHAT_MESSAGES = 256
 
 
 class _Strict(BaseModel):
@@ -32,11 +36,19 @@ class _Strict(BaseModel):
 
 class CreateStreamRequest(StreamSpec):
     """``POST /v1/streams``: what to watch and how hard to compress it (the engine's own
-    StreamSpec, so the HTTP layer and the service validate a spec the same way)."""
+    StreamSpec, so the HTTP layer and the service validate a spec the same way). An HTTP client
+    gets typed, bounded source options only: raw FFmpeg options and devices stay with the
+    operator (CLI, Python)."""
+
+    options: HttpSourceOptions | None = Field(None, description="source options: transport, timeouts, "
+                                              "reconnect policy (bounded)")
 
     def to_spec(self) -> dict[str, Any]:
         """The fields the client set, as the engine's create_stream spec."""
-        return self.model_dump(exclude_unset=True, exclude_none=True)
+        spec = self.model_dump(exclude_unset=True, exclude_none=True, exclude={"options"})
+        if self.options is not None:
+            spec["options"] = self.options.to_source_options()
+        return spec
 
 
 class StreamStatus(BaseModel):
@@ -46,7 +58,8 @@ class StreamStatus(BaseModel):
     id: str
     name: str | None = None
     source: str
-    status: Literal["starting", "live", "reconnecting", "ended", "failed"]
+    status: Literal["pending", "starting", "live", "reconnecting", "ended", "failed"] = Field(
+        description="pending: waiting for Ray to place its ingest actor (resources); starting: opening the source")
     error: str | None = None
     created: float = 0.0
     lag_s: float = 0.0
@@ -73,7 +86,7 @@ class DeleteResponse(BaseModel):
 class AskRequest(_Strict):
     """``POST /v1/streams/{id}/ask``."""
 
-    question: str = Field(min_length=1, max_length=8192)
+    question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS)
     max_tokens: int = Field(64, ge=1, le=MAX_ANSWER_TOKENS)
     stream: bool = Field(False, description="answer as Server-Sent Events, one per token")
 
@@ -130,7 +143,7 @@ class ChatCompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     model: str = Field(min_length=1, description="the stream's id or name")
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_CHAT_MESSAGES)
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1, le=MAX_ANSWER_TOKENS)
@@ -145,6 +158,10 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("needs at least one message with role 'user' (the question)")
         if not users[-1].text().strip():
             raise ValueError("the last user message is empty")
+        total = sum(len(m.text()) for m in msgs)
+        if total > MAX_QUESTION_CHARS:
+            raise ValueError(f"the messages hold {total} characters; at most {MAX_QUESTION_CHARS} in all "
+                             "(the same cap as a question to /ask)")
         return msgs
 
     def question(self) -> str:

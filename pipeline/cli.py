@@ -25,8 +25,11 @@ DEMO_SOURCE = (f"lavfi:testsrc2=size=320x240:rate=25,trim=duration={DEMO_SECONDS
 
 
 def start_ray(metrics_port: int | None = None) -> None:
-    """Attach to RAY_ADDRESS, or start a local Ray sized for this machine."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    """Attach to RAY_ADDRESS, or start a local Ray sized for this machine. A local Ray uses
+    Ray's token authentication (RAY_AUTH_MODE=token, a token generated on first use) unless
+    the environment says otherwise: Ray's own ports listen on every interface, and without a
+    token anyone who reaches them can run code on the cluster."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
@@ -60,17 +63,39 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 # ---- serve -----------------------------------------------------------------------------------------
+def _is_loopback_host(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from pipeline.serve import build_app
 
-    start_ray(args.metrics_port)
+    from pipeline.serve import gate_settings
+
+    gate = gate_settings({"api_keys": args.api_key or (), "insecure": args.insecure})
+    if not gate.api_keys and not gate.insecure and not _is_loopback_host(args.host):
+        print(f"omnizip-stream: refusing to listen on {args.host} without an API key: give --api-key KEY "
+              "(or OMNIZIP_API_KEYS), or --insecure to serve anyone who can reach the port", file=sys.stderr)
+        return 2
     cfg = _config(args)
+    start_ray(args.metrics_port)
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build_app(cfg), name="omnizip", route_prefix="/", blocking=False)
+    serve.run(build_app(cfg, gate={"api_keys": list(gate.api_keys), "insecure": gate.insecure}), name="omnizip",
+              route_prefix="/", blocking=False)
+    who = (f"{len(gate.api_keys)} API key(s) required" if gate.api_keys else
+           "NO API KEY: anyone who reaches the port owns the service (--insecure)" if gate.insecure else
+           "no API key: loopback clients only")
+    from pipeline.source_policy import redact
+
     print(f"omnizip-stream: serving on http://{args.host}:{args.port} (model {cfg.model}, "
-          f"store {cfg.redis_url or 'in-process'}); Ctrl-C stops", flush=True)
+          f"store {redact(cfg.redis_url) if cfg.redis_url else 'in-process'}; {who}); Ctrl-C stops", flush=True)
     import signal
 
     import ray
@@ -196,7 +221,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = {"source": args.source, "method": args.method, "omnizip": oz or None,
             "context_tokens": args.context_tokens, "lookahead": args.lookahead, "realtime": args.realtime or None,
             "backpressure": not live and not args.realtime}  # a file waits for the model instead of dropping
-    cfg = _config(args, name=f"omnizip-run-{os.getpid()}", detached=False)
+    # the operator names the source on the command line: any kind is theirs to open
+    cfg = _config(args, name=f"omnizip-run-{os.getpid()}", detached=False, allow_sources="*")
     return run_stream(cfg, spec, args.question, args.max_tokens, per_window=args.per_window,
                       progress=not args.no_progress, duration_s=args.duration, as_json=args.json)
 
@@ -207,7 +233,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
           "the 'tiny' Qwen2.5-Omni preset (random weights: the words mean nothing), the in-process store.",
           flush=True)
     cfg = _config(argparse.Namespace(model="tiny", device="cpu", dtype=None, redis_url=None),
-                  name=f"omnizip-demo-{os.getpid()}", detached=False)
+                  name=f"omnizip-demo-{os.getpid()}", detached=False, allow_sources="*")
     spec = {"source": DEMO_SOURCE, "name": "demo", "backpressure": True}
     return run_stream(cfg, spec, args.question, args.max_tokens, per_window=True, progress=False,
                       duration_s=None, as_json=False)
@@ -219,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="the HTTP API (Ray Serve) over the engine")
     _model_args(s)
     s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--api-key", action="append", metavar="KEY",
+                   help="an API key clients must send as 'Authorization: Bearer KEY' (repeatable; also OMNIZIP_API_KEYS)")
+    s.add_argument("--insecure", action="store_true",
+                   help="serve clients from anywhere without an API key (only with no key configured)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--metrics-port", type=int, default=None, help="Ray's per-node Prometheus export port")
     r = sub.add_parser("run", help="watch one source, then answer a question about it")

@@ -39,9 +39,19 @@ class ServiceConfig:
     ingest_cpus: float = 0.1
     torch_threads: int | None = None  # torch threads in each model actor (None: Ray's default)
     detached: bool = True  # actors outlive their creator (a Serve replica, a driver)
+    # --- limits (docs/security.md) ---
+    max_streams: int = 64  # running streams in all
+    max_streams_per_key: int = 16  # running streams of one API key (tenant)
+    max_context_tokens: int = 32768  # a stream's context budget at most (the model's position range)
+    max_questions_per_stream: int = 2  # questions answered or waiting on one stream; more get 429
+    # --- what a source may be (pipeline.source_policy; comma lists as in OMNIZIP_ALLOW_SOURCES) ---
+    allow_sources: str = ""  # file, lavfi, device, loopback: each off unless named; "*": anything (operator CLI)
+    file_roots: str = ""  # directories file sources must lie in
+    source_hosts: str = ""  # host names or CIDRs network sources must match (empty: any public host)
 
     def __post_init__(self) -> None:
-        for name in ("encoder_workers", "decoder_actors", "max_batch", "queue_windows", "context_tokens"):
+        for name in ("encoder_workers", "decoder_actors", "max_batch", "queue_windows", "context_tokens",
+                     "max_streams", "max_streams_per_key", "max_context_tokens", "max_questions_per_stream"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"ServiceConfig.{name} must be an integer >= 1, got {v!r}")
@@ -52,6 +62,7 @@ class ServiceConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
                 raise ValueError(f"ServiceConfig.{name} must be a number >= 0, got {v!r}")
+        self.source_policy()  # ValueError naming the OMNIZIP_* variable of a bad setting
         if not isinstance(self.name, str) or not self.name or any(c in self.name for c in "{}: \t\n"):
             raise ValueError(f"ServiceConfig.name must be a non-empty string without braces, colons or "
                              f"spaces, got {self.name!r}")
@@ -94,6 +105,25 @@ class ServiceConfig:
                 raise ValueError(f"unknown ServiceConfig field(s) {sorted(unknown)}")
             return cls(**dict(config))
         raise TypeError(f"config must be a ServiceConfig, a mapping or None, not {type(config).__name__}")
+
+    def __repr__(self) -> str:  # a Redis password in the URL never reaches a log
+        from pipeline.source_policy import redact
+
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if shown["redis_url"]:
+            shown["redis_url"] = redact(shown["redis_url"])
+        return f"ServiceConfig({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+    def source_policy(self) -> Any:
+        """The SourcePolicy every source of this engine is checked against (on create and on
+        each reconnect)."""
+        from pipeline.source_policy import SourcePolicy
+
+        if self.allow_sources.strip() == "*":
+            return SourcePolicy.permissive()
+        return SourcePolicy.from_env({"OMNIZIP_ALLOW_SOURCES": self.allow_sources,
+                                      "OMNIZIP_FILE_ROOTS": self.file_roots,
+                                      "OMNIZIP_SOURCE_HOSTS": self.source_hosts})
 
     def queue_policy(self, stage: str) -> QueuePolicy:
         """The bounded-queue policy of a stage: the encoder counts a half-full queue as behind and

@@ -34,8 +34,9 @@ SILENT_S = 6.0  # a live source silent for three windows is being reconnected
 class IngestActor:
     """Reads one source into AVWindows and submits each to the stream's encoder worker."""
 
-    def __init__(self, record: StreamRecord, worker: Any, store: StoreRef) -> None:
+    def __init__(self, record: StreamRecord, worker: Any, store: StoreRef, policy: Any = None) -> None:
         self.rec = record
+        self.policy = policy  # pipeline.source_policy.SourcePolicy: checked on open and every reconnect
         self.sid = record.id
         self.worker = worker
         self.store = store.connect()
@@ -64,7 +65,7 @@ class IngestActor:
 
         rec = self.rec
         try:
-            src = Source(rec.source, rec.options)
+            src = Source(rec.source, rec.options, policy=self.policy)
             self.st.live = bool(src.live or rec.realtime)
             it = iter_windows(src, realtime=rec.realtime, size=rec.size)
             prev = time.time()

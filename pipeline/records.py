@@ -21,6 +21,9 @@ __all__ = ["OmniZipSettings", "StreamRecord", "StreamSettings", "StreamSpec", "v
 
 DEFAULT_METHOD = "omnizip"
 MIN_CONTEXT_TOKENS = 128
+MAX_CONTEXT_TOKENS = 1 << 20  # a hard ceiling; the engine's own (the model's range) is lower
+PATCH_PX = 28  # the vision tower's merged patch: frame sides are multiples of it
+MAX_SIDE_PX = 4096
 _CONTROL = {chr(c) for c in range(0x20)} | {"\x7f"}
 
 
@@ -83,13 +86,14 @@ class StreamSpec(_Strict):
     method: str = Field(DEFAULT_METHOD, description="compression method (omnizip.METHODS): omnizip, "
                         "keep_all, random, fixed_ratio")
     omnizip: OmniZipSettings | None = None
-    context_tokens: int | None = Field(None, ge=MIN_CONTEXT_TOKENS,
+    context_tokens: int | None = Field(None, ge=MIN_CONTEXT_TOKENS, le=MAX_CONTEXT_TOKENS,
                                        description="rolling context budget in tokens (engine default when unset)")
     lookahead: int = Field(0, ge=0, le=64, description="windows of look-ahead for the compressor")
     realtime: bool | None = Field(None, description="pace files at media speed (live sources always are)")
     backpressure: bool | None = Field(None, description="never drop a window: ingestion waits instead")
     options: dict[str, Any] | None = Field(None, description="source options (pipeline.sources.SourceOptions)")
-    size: tuple[PositiveInt, PositiveInt] | None = Field(None, description="[height, width] frames are resized to")
+    size: tuple[PositiveInt, PositiveInt] | None = Field(None, description="[height, width] frames are resized "
+                                                         f"to: multiples of {PATCH_PX}, at most {MAX_SIDE_PX} a side")
 
     @field_validator("source")
     @classmethod
@@ -100,10 +104,17 @@ class StreamSpec(_Strict):
             raise ValueError("must not be blank")
         return v.strip()
 
+    @field_validator("size")
+    @classmethod
+    def _model_grid(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and any(x % PATCH_PX or x > MAX_SIDE_PX for x in v):
+            raise ValueError(f"each side must be a multiple of {PATCH_PX} pixels and at most {MAX_SIDE_PX}, got {list(v)}")
+        return v
+
     @field_validator("options")
     @classmethod
-    def _known_options(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v is not None:
+    def _known_options(cls, v: Any) -> Any:
+        if isinstance(v, Mapping):  # raw options (the operator's); typed ones are checked by their model
             from pipeline.sources import SourceOptions
 
             SourceOptions.coerce(v)  # ValueError / TypeError naming the option
@@ -167,18 +178,19 @@ class StreamRecord:
     error: str | None = None
     created: float = 0.0
     ingest: dict[str, Any] | None = None  # the ingest actor's final figures, once it is done
+    owner: str = ""  # the tenant (pipeline.gate.tenant_of the API key) the stream belongs to
     extra: dict[str, Any] = field(default_factory=dict)  # fields a newer engine wrote: kept as they are
 
     @classmethod
     def from_spec(cls, spec: StreamSpec, default_context_tokens: int, *, worker: int = 0, decoder: int = 0,
-                  stream_id: str = "") -> "StreamRecord":
+                  stream_id: str = "", owner: str = "") -> "StreamRecord":
         from omnizip.config import OmniZipConfig
 
         oz = OmniZipConfig.from_dict(spec.omnizip.to_config() if spec.omnizip else {})
         settings = StreamSettings(oz.to_dict(), spec.context_tokens or default_context_tokens, spec.method,
                                   spec.lookahead)
         return cls(stream_id, spec.source, settings, spec.name, spec.realtime, bool(spec.backpressure),
-                   spec.options, tuple(spec.size) if spec.size else None, worker, decoder)
+                   spec.options, tuple(spec.size) if spec.size else None, worker, decoder, owner=owner)
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}

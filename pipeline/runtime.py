@@ -129,4 +129,4 @@ def start_ingest(name: str, record: Any, worker: Any, config: ServiceConfig, sto
     from pipeline.ingest import IngestActor
 
     return ray.remote(IngestActor).options(**_named(name, config), num_cpus=config.ingest_cpus,
-                                           max_restarts=0).remote(record, worker, store)
+                                           max_restarts=0).remote(record, worker, store, config.source_policy())

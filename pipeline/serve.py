@@ -34,6 +34,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
+from pipeline.gate import ApiGate, GateSettings, parse_keys
 from pipeline.api_models import (
     AskRequest, AskResponse, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
     ChoiceMessage, ChunkChoice, CreateStreamRequest, DeleteResponse, Delta, ErrorResponse,
@@ -55,15 +56,44 @@ fastapi_app = FastAPI(
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+class _GateState:
+    """The front door's settings in this process (one Serve replica = one OmniZipAPI)."""
+
+    settings = GateSettings()
+
+
+fastapi_app.add_middleware(ApiGate, settings_source=lambda: _GateState.settings)
+
+
+def gate_settings(given: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> GateSettings:
+    """The front door's settings: ``given`` (build_app's) over the environment (OMNIZIP_API_KEYS,
+    OMNIZIP_INSECURE, OMNIZIP_MAX_BODY_BYTES, OMNIZIP_REQUESTS_PER_S, OMNIZIP_REQUEST_BURST)."""
+    import os
+
+    env = os.environ if environ is None else environ
+    g = dict(given or {})
+    keys = tuple(g.get("api_keys") or ()) + parse_keys(env.get("OMNIZIP_API_KEYS"))
+    try:
+        return GateSettings(
+            api_keys=parse_keys(keys),
+            insecure=bool(g.get("insecure", env.get("OMNIZIP_INSECURE", "").strip().lower() in ("1", "true", "yes"))),
+            max_body_bytes=int(g.get("max_body_bytes", env.get("OMNIZIP_MAX_BODY_BYTES", 1 << 20))),
+            requests_per_s=float(g.get("requests_per_s", env.get("OMNIZIP_REQUESTS_PER_S", 20.0))),
+            request_burst=int(g.get("request_burst", env.get("OMNIZIP_REQUEST_BURST", 40))))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"front door settings: {e}") from None
+
+
 # --- errors -----------------------------------------------------------------------------------
 
 class ApiError(Exception):
     """An error that becomes an HTTP response in OpenAI's error shape."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None) -> None:
+                 param: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param = status, message, type_, param
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
@@ -72,7 +102,7 @@ class ApiError(Exception):
 
 @fastapi_app.exception_handler(ApiError)
 async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 @fastapi_app.exception_handler(RequestValidationError)
@@ -105,13 +135,36 @@ def _to_api_error(exc: BaseException, stream_id: str | None = None) -> ApiError:
     cause = _cause(exc)
     if isinstance(exc, RayActorError) or isinstance(cause, RayActorError):
         return ApiError(503, f"the engine is unavailable: {_message(cause)}", "service_unavailable")
+    from pipeline.refusals import LimitExceeded, NameTaken
+    from pipeline.source_policy import redact
+
+    if isinstance(cause, LimitExceeded):
+        return ApiError(429, _message(cause), "rate_limit_exceeded", cause.param,
+                        {"Retry-After": str(cause.retry_after_s)})
+    if isinstance(cause, NameTaken):
+        return ApiError(409, _message(cause), "conflict", cause.param)
     if isinstance(cause, KeyError):
         what = stream_id if stream_id is not None else _message(cause)
         return ApiError(404, f"no stream {what!r}", "not_found", param="stream_id")
     if isinstance(cause, (ValueError, TypeError)):
-        return ApiError(400, _message(cause))
+        return ApiError(400, redact(_message(cause)), param=getattr(cause, "param", None) or _rule_param(cause))
     log.exception("engine error", exc_info=exc)
     return ApiError(500, f"internal error: {type(cause).__name__}: {_message(cause)}", "internal_error")
+
+
+def _rule_param(exc: BaseException) -> str | None:
+    """The field a source refusal is about (``source``), or the one a 'field: message' names."""
+    from pipeline.errors import SourceError
+
+    if isinstance(exc, SourceError):
+        return "source"
+    head = _message(exc).split(":", 1)[0]
+    return head if head.replace("_", "").replace(".", "").isalnum() and " " not in head else None
+
+
+def _tenant(request: Request) -> str:
+    """The tenant the front door (pipeline.gate) authenticated this request as."""
+    return str(getattr(request.state, "tenant", ""))
 
 
 def _sse(data: Any, event: str | None = None) -> str:
@@ -142,21 +195,25 @@ def _service_config(config: Any) -> Any:
 class OmniZipAPI:
     """One replica: validates requests and forwards them to the engine actor."""
 
-    def __init__(self, config: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, config: Mapping[str, Any] | None = None, gate: Mapping[str, Any] | None = None) -> None:
         from pipeline.service import get_or_create_service
 
+        _GateState.settings = gate_settings(gate)
+        if not _GateState.settings.api_keys:
+            log.warning("no API keys configured: %s", "every client is served (insecure)" if _GateState.settings.insecure
+                        else "only loopback clients are served")
         self._config = _service_config(config)
         self._get_service = get_or_create_service
         self._service = get_or_create_service(self._config)
 
     # -- engine calls ---------------------------------------------------------------------------
-    async def _call(self, method: str, *args: Any, stream_id: str | None = None) -> Any:
+    async def _call(self, method: str, *args: Any, stream_id: str | None = None, **kwargs: Any) -> Any:
         """One engine call, its errors mapped to HTTP; a dead engine actor is looked up again
         (the engine restarts itself) so the next request reaches the new one."""
         from ray.exceptions import RayActorError
 
         try:
-            return await getattr(self._service, method).remote(*args)
+            return await getattr(self._service, method).remote(*args, **kwargs)
         except Exception as e:
             if isinstance(e, RayActorError):
                 self._reconnect()
@@ -168,14 +225,14 @@ class OmniZipAPI:
         except Exception:  # the next request tries again
             log.exception("could not reach the engine actor")
 
-    async def _resolve(self, ref: str) -> dict[str, Any]:
-        """A stream by id, else by name (the OpenAI `model`); 404 / 400 (ambiguous) otherwise."""
+    async def _resolve(self, ref: str, owner: str) -> dict[str, Any]:
+        """One of ``owner``'s streams by id, else by name (the OpenAI `model`); 404 otherwise."""
         try:
-            return await self._call("get_stream", ref, stream_id=ref)
+            return await self._call("get_stream", ref, stream_id=ref, owner=owner)
         except ApiError as e:
             if e.status != 404:
                 raise
-        named = [s for s in await self._call("list_streams") if s.get("name") == ref]
+        named = [s for s in await self._call("list_streams", owner=owner) if s.get("name") == ref]
         if len(named) == 1:
             return named[0]
         if not named:
@@ -183,10 +240,11 @@ class OmniZipAPI:
         raise ApiError(400, f"{len(named)} streams are named {ref!r}; use one's id: "
                        f"{sorted(s['id'] for s in named)}", param="model")
 
-    async def _answer(self, stream_id: str, question: str, max_tokens: int) -> AsyncIterator[str]:
+    async def _answer(self, stream_id: str, question: str, max_tokens: int, owner: str) -> AsyncIterator[str]:
         """The engine's answer, piece by piece. The first piece is awaited before this returns,
         so an unknown stream is a 404 and not a broken event stream."""
-        gen = self._service.ask.options(num_returns="streaming").remote(stream_id, question, max_tokens)
+        gen = self._service.ask.options(num_returns="streaming").remote(stream_id, question, max_tokens,
+                                                                         owner=owner)
         try:
             first = await gen.__anext__()
             first_piece = await first
@@ -215,29 +273,30 @@ class OmniZipAPI:
 
     @fastapi_app.post("/v1/streams", status_code=201, response_model=StreamStatus,
                       response_model_exclude_none=False, summary="Start watching a source")
-    async def create_stream(self, body: CreateStreamRequest) -> dict[str, Any]:
-        return await self._call("create_stream", body.to_spec())
+    async def create_stream(self, body: CreateStreamRequest, request: Request) -> dict[str, Any]:
+        return await self._call("create_stream", body.to_spec(), owner=_tenant(request))
 
     @fastapi_app.get("/v1/streams", response_model=StreamList, summary="Every stream's status")
-    async def list_streams(self) -> dict[str, Any]:
-        return {"streams": await self._call("list_streams")}
+    async def list_streams(self, request: Request) -> dict[str, Any]:
+        return {"streams": await self._call("list_streams", owner=_tenant(request))}
 
     @fastapi_app.get("/v1/streams/{stream_id}", response_model=StreamStatus,
                      summary="One stream: status, lag, windows, tokens in/kept per modality")
-    async def get_stream(self, stream_id: str) -> dict[str, Any]:
-        return await self._call("get_stream", stream_id, stream_id=stream_id)
+    async def get_stream(self, stream_id: str, request: Request) -> dict[str, Any]:
+        return await self._call("get_stream", stream_id, stream_id=stream_id, owner=_tenant(request))
 
     @fastapi_app.delete("/v1/streams/{stream_id}", response_model=DeleteResponse,
                         summary="Stop a stream and drop its context")
-    async def delete_stream(self, stream_id: str) -> dict[str, Any]:
-        await self._call("delete_stream", stream_id, stream_id=stream_id)
+    async def delete_stream(self, stream_id: str, request: Request) -> dict[str, Any]:
+        await self._call("delete_stream", stream_id, stream_id=stream_id, owner=_tenant(request))
         return {"id": stream_id, "deleted": True}
 
     @fastapi_app.post("/v1/streams/{stream_id}/ask", response_model=AskResponse,
                       summary="Ask about what the stream has shown so far")
-    async def ask(self, stream_id: str, body: AskRequest) -> Any:
-        status = await self._call("get_stream", stream_id, stream_id=stream_id)
-        pieces = await self._answer(stream_id, body.question, body.max_tokens)
+    async def ask(self, stream_id: str, body: AskRequest, request: Request) -> Any:
+        owner = _tenant(request)
+        status = await self._call("get_stream", stream_id, stream_id=stream_id, owner=owner)
+        pieces = await self._answer(stream_id, body.question, body.max_tokens, owner)
 
         def summary(answer: str, n: int) -> AskResponse:
             return AskResponse(stream_id=stream_id, question=body.question, answer=answer,
@@ -264,13 +323,14 @@ class OmniZipAPI:
         return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
 
     @fastapi_app.post("/v1/chat/completions", summary="OpenAI-compatible chat; `model` names the stream")
-    async def chat_completions(self, body: ChatCompletionRequest) -> Any:
-        stream = await self._resolve(body.model)
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Any:
+        owner = _tenant(request)
+        stream = await self._resolve(body.model, owner)
         sid, max_tokens = stream["id"], body.answer_budget()
         # The prompt is the stream's compressed context plus the question; the engine reports the
         # former, the question's own tokens are not counted (the tokenizer lives in the engine).
         prompt_tokens = int(stream.get("context_tokens", 0))
-        pieces = await self._answer(sid, body.question(), max_tokens)
+        pieces = await self._answer(sid, body.question(), max_tokens, owner)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def usage(n: int) -> Usage:
@@ -315,12 +375,13 @@ class OmniZipAPI:
         return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
 
     @fastapi_app.get("/v1/models", response_model=ModelList, summary="The streams, as OpenAI models")
-    async def list_models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [self._card(s) for s in await self._call("list_streams")]}
+    async def list_models(self, request: Request) -> dict[str, Any]:
+        return {"object": "list",
+                "data": [self._card(s) for s in await self._call("list_streams", owner=_tenant(request))]}
 
     @fastapi_app.get("/v1/models/{model}", response_model=ModelCard, summary="One stream as a model")
-    async def get_model(self, model: str) -> dict[str, Any]:
-        return self._card(await self._resolve(model))
+    async def get_model(self, model: str, request: Request) -> dict[str, Any]:
+        return self._card(await self._resolve(model, _tenant(request)))
 
     @staticmethod
     def _card(s: Mapping[str, Any]) -> dict[str, Any]:
@@ -328,14 +389,16 @@ class OmniZipAPI:
                          status=s.get("status")).model_dump()
 
 
-def build_app(config: Any = None, **deployment_options: Any) -> serve.Application:
+def build_app(config: Any = None, gate: Mapping[str, Any] | None = None, **deployment_options: Any) -> serve.Application:
     """The Serve application for ``serve.run``; ``config`` is a ServiceConfig, a dict of its
-    fields, or None (``ServiceConfig.from_env()``). ``deployment_options`` go to
-    ``OmniZipAPI.options`` (num_replicas, ray_actor_options, ...)."""
+    fields, or None (``ServiceConfig.from_env()``); ``gate`` the front door's settings
+    (pipeline.gate.GateSettings fields: api_keys, insecure, max_body_bytes, requests_per_s,
+    request_burst) over the environment's. ``deployment_options`` go to ``OmniZipAPI.options``
+    (num_replicas, ray_actor_options, ...)."""
     if config is not None and is_dataclass(config):
         config = asdict(config)  # plain data crosses to the replica
     dep = OmniZipAPI.options(**deployment_options) if deployment_options else OmniZipAPI
-    return dep.bind(dict(config) if config is not None else None)
+    return dep.bind(dict(config) if config is not None else None, dict(gate) if gate else None)
 
 
 #: ``serve run deploy/serve_config.yaml`` / ``serve run pipeline.serve:app``.

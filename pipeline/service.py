@@ -17,10 +17,13 @@ import ray
 from pipeline import runtime
 from pipeline.config import ServiceConfig
 from pipeline.records import StreamRecord, StreamSpec
+from pipeline.refusals import LimitExceeded, NameTaken
 from pipeline.stats import DecoderStats, EncoderStats, IngestStats, stream_status
 from pipeline.store import Retention, StreamNotFound
 
 log = logging.getLogger(__name__)
+
+INGEST_STATS_TIMEOUT_S = 3.0  # an ingest actor slower than this to answer is not placed yet
 
 __all__ = ["ServiceConfig", "StreamService", "get_or_create_service", "shutdown_service"]
 
@@ -42,7 +45,10 @@ class StreamService:
         self.workers = [runtime.start_encoder(self.names.encoder(i), c, self.decoders, self.store_ref)
                         for i in range(c.encoder_workers)]
         self.ingest: dict[str, Any] = {}
+        self.policy = c.source_policy()
         self._reattached = False
+        self._creating = asyncio.Lock()  # limits and name checks see every earlier create
+        self._asking: dict[str, int] = {}  # questions answered or waiting, per stream
 
     async def _reattach(self) -> None:
         """Once: a restarted service finds the ingest actors of its streams again."""
@@ -79,59 +85,85 @@ class StreamService:
         return self.decoders[rec.decoder % len(self.decoders)]
 
     # ---- the contract ---------------------------------------------------------------------------
-    async def create_stream(self, spec: Mapping[str, Any] | StreamSpec) -> dict:
-        """Register and start a stream; ValueError naming the field on a bad spec."""
+    async def create_stream(self, spec: Mapping[str, Any] | StreamSpec, owner: str | None = None) -> dict:
+        """Register and start a stream for ``owner`` (a tenant id; None: the operator, stored as
+        ""). ValueError naming the field or the source rule; NameTaken; LimitExceeded."""
         parsed = StreamSpec.parse(spec)
+        owner = owner or ""
+        budget = parsed.context_tokens or self.cfg.context_tokens
+        if budget > self.cfg.max_context_tokens:
+            raise ValueError(f"context_tokens: at most {self.cfg.max_context_tokens} (the model's range), got {budget}")
         from pipeline.sources import classify
 
         classify(parsed.source)  # UnsupportedSourceError (a ValueError) names the problem
-        running = [r for r in await self._records() if r.status not in ("ended", "failed")]
-        rec = StreamRecord.from_spec(parsed, self.cfg.context_tokens,
-                                     worker=self._least_loaded(len(self.workers), [r.worker for r in running]),
-                                     decoder=self._least_loaded(len(self.decoders), [r.decoder for r in running]))
-        rec = StreamRecord.from_dict(await self._io(self.store.create_stream, rec.to_dict()))
+        await self._io(self.policy.check, parsed.source)  # SourceRefused names the rule; opens nothing
+        async with self._creating:
+            running = [r for r in await self._records() if r.status not in ("ended", "failed")]
+            mine = [r for r in running if r.owner == owner]
+            if parsed.name is not None and any(r.name == parsed.name for r in await self._records() if r.owner == owner):
+                raise NameTaken(f"name: a stream named {parsed.name!r} already exists; delete it or choose another name")
+            if len(running) >= self.cfg.max_streams:
+                raise LimitExceeded(f"at most {self.cfg.max_streams} streams run at once; delete one first", "source", 30)
+            if len(mine) >= self.cfg.max_streams_per_key:
+                raise LimitExceeded(f"at most {self.cfg.max_streams_per_key} streams per API key; delete one first",
+                                    "source", 30)
+            rec = StreamRecord.from_spec(parsed, self.cfg.context_tokens, owner=owner,
+                                         worker=self._least_loaded(len(self.workers), [r.worker for r in running]),
+                                         decoder=self._least_loaded(len(self.decoders), [r.decoder for r in running]))
+            rec = StreamRecord.from_dict(await self._io(self.store.create_stream, rec.to_dict()))
         self.ingest[rec.id] = runtime.start_ingest(self.names.ingest(rec.id), rec, self._worker(rec), self.cfg,
                                                    self.store_ref)
-        return await self.get_stream(rec.id)
+        return await self._status(rec)
 
-    async def list_streams(self) -> list[dict]:
+    async def list_streams(self, owner: str | None = None) -> list[dict]:
+        """The streams of ``owner`` (None: every stream, for the operator)."""
         await self._reattach()
-        out = await asyncio.gather(*(self._status(r) for r in await self._records()), return_exceptions=True)
+        recs = [r for r in await self._records() if owner is None or r.owner == owner]
+        out = await asyncio.gather(*(self._status(r) for r in recs), return_exceptions=True)
         return [s for s in out if isinstance(s, dict)]
 
-    async def get_stream(self, stream_id: str) -> dict:
-        return await self._status(await self._record(stream_id))
+    async def get_stream(self, stream_id: str, owner: str | None = None) -> dict:
+        return await self._status(await self._record(stream_id, owner))
 
-    async def _record(self, stream_id: str) -> StreamRecord:
+    async def _record(self, stream_id: str, owner: str | None = None) -> StreamRecord:
+        """The stream's record; KeyError when there is none or it belongs to another tenant
+        (the same answer, so a tenant cannot learn which ids exist)."""
         await self._reattach()
         if not isinstance(stream_id, str):
             raise KeyError(stream_id)
         try:
-            return StreamRecord.from_dict(await self._io(self.store.get_stream, stream_id))
+            rec = StreamRecord.from_dict(await self._io(self.store.get_stream, stream_id))
         except (StreamNotFound, ValueError):
             raise KeyError(stream_id) from None
+        if owner is not None and rec.owner != owner:
+            raise KeyError(stream_id)
+        return rec
 
     async def _call(self, ref: Any, timeout: float = 60.0) -> Any:
+        """An actor call's result, or the exception it ended with (logged), never raised."""
         try:
             return await asyncio.wait_for(ref, timeout)
         except Exception as e:
-            log.warning("engine call failed: %s", e)
-            return None
+            log.warning("engine call failed: %r", e)
+            return e
 
     async def _status(self, rec: StreamRecord) -> dict:
         ing_h = self.ingest.get(rec.id)
         ing, enc, dec = await asyncio.gather(
-            self._call(ing_h.stats.remote(), 10) if ing_h is not None else asyncio.sleep(0),
+            self._call(ing_h.stats.remote(), INGEST_STATS_TIMEOUT_S) if ing_h is not None else asyncio.sleep(0),
             self._call(self._worker(rec).stats.remote(rec.id)), self._call(self._decoder(rec).stats.remote(rec.id)))
         if ing_h is not None and isinstance(ing, IngestStats) and ing.done and rec.ingest is not None:
             self.ingest.pop(rec.id, None)  # the source is over and its figures are in the record
             ray.kill(ing_h, no_restart=True)
+        # an ingest actor that does not answer in time while the stream starts is waiting for Ray
+        # to place it (no free CPU): pending, not failed
+        pending = isinstance(ing, asyncio.TimeoutError) and rec.status in ("created", "starting")
         return stream_status(rec, ing if isinstance(ing, IngestStats) else None,
                              enc if isinstance(enc, EncoderStats) else None,
-                             dec if isinstance(dec, DecoderStats) else None)
+                             dec if isinstance(dec, DecoderStats) else None, pending=pending)
 
-    async def delete_stream(self, stream_id: str) -> bool:
-        rec = await self._record(stream_id)
+    async def delete_stream(self, stream_id: str, owner: str | None = None) -> bool:
+        rec = await self._record(stream_id, owner)
         ing = self.ingest.pop(stream_id, None)
         if ing is not None:
             await self._call(ing.stop.remote(), 10)
@@ -143,37 +175,51 @@ class StreamService:
         get_metrics().forget_stream(stream_id)
         return True
 
-    async def ask(self, stream_id: str, question: str, max_tokens: int = 64) -> AsyncIterator[str]:
-        """Text pieces of the answer, one per generated token."""
+    async def ask(self, stream_id: str, question: str, max_tokens: int = 64,
+                  owner: str | None = None) -> AsyncIterator[str]:
+        """Text pieces of the answer. At most ``max_questions_per_stream`` questions are answered
+        or waiting on one stream; more get LimitExceeded, so a short question never queues
+        behind an unbounded line of long answers."""
         if not isinstance(question, str) or not question.strip():
             raise ValueError("question: must be a non-empty string")
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= 4096:
             raise ValueError(f"max_tokens: must be an integer in [1, 4096], got {max_tokens!r}")
-        rec = await self._record(stream_id)
-        gen = self._decoder(rec).ask.options(num_returns="streaming").remote(stream_id, question, max_tokens)
-        async for ref in gen:
-            yield await ref
+        rec = await self._record(stream_id, owner)
+        if self._asking.get(stream_id, 0) >= self.cfg.max_questions_per_stream:
+            raise LimitExceeded(f"{self.cfg.max_questions_per_stream} questions are already being answered on "
+                                "this stream; try again when one is done", "question", 2)
+        self._asking[stream_id] = self._asking.get(stream_id, 0) + 1
+        try:
+            gen = self._decoder(rec).ask.options(num_returns="streaming").remote(stream_id, question, max_tokens)
+            async for ref in gen:
+                yield await ref
+        finally:
+            left = self._asking.get(stream_id, 1) - 1
+            if left > 0:
+                self._asking[stream_id] = left
+            else:
+                self._asking.pop(stream_id, None)
 
     async def health(self) -> dict:
         names = [self.names.encoder(i) for i in range(len(self.workers))] + \
                 [self.names.decoder(i) for i in range(len(self.decoders))]
         stats = await asyncio.gather(*(self._call(a.health.remote(), 10) for a in self.workers + self.decoders))
         store_ok = await self._io(self.store.ping)
-        workers = {n: (s if s else {"ok": False}) for n, s in zip(names, stats)}
+        workers = {n: (s if isinstance(s, dict) else {"ok": False}) for n, s in zip(names, stats)}
         n = len(await self._io(self.store.list_streams)) if store_ok else len(self.ingest)
         return {"ok": bool(store_ok) and all(w.get("ok") for w in workers.values()), "streams": n,
                 "workers": workers, "store": "redis" if self.cfg.redis_url else "memory"}
 
-    async def windows(self, stream_id: str, start: int = 0) -> list[dict]:
+    async def windows(self, stream_id: str, start: int = 0, owner: str | None = None) -> list[dict]:
         """The stored windows' metadata from index `start` (no payloads): index, media start/end,
         tokens in/kept per modality, whether it was compressed harder."""
-        await self._record(stream_id)
+        await self._record(stream_id, owner)
         ws = await self._io(self.store.windows, stream_id, start)
         return [{"index": w.index, "start": w.media_start, "end": w.media_end, **w.fields} for w in ws]
 
-    async def window_latencies(self, stream_id: str) -> list[float]:
+    async def window_latencies(self, stream_id: str, owner: str | None = None) -> list[float]:
         """Per-window end-to-end latencies of a live stream (window end -> in the decoder's context)."""
-        rec = await self._record(stream_id)
+        rec = await self._record(stream_id, owner)
         return await self._decoder(rec).latencies.remote(stream_id)
 
     async def shutdown(self) -> None:

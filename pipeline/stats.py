@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.records import StreamRecord
+from pipeline.source_policy import redact
 
 __all__ = ["DecoderStats", "EncoderStats", "IngestStats", "TokenCounts", "stream_status"]
 
@@ -96,9 +97,10 @@ def _drained(enc: EncoderStats, dec: DecoderStats) -> bool:
 
 
 def stream_status(rec: StreamRecord, ing: IngestStats | None, enc: EncoderStats | None,
-                  dec: DecoderStats | None, now: float | None = None) -> dict[str, Any]:
+                  dec: DecoderStats | None, now: float | None = None, pending: bool = False) -> dict[str, Any]:
     """The status of one stream from its record and what its three stages report (any of which
-    may be missing: an actor restarting, a finished source whose figures are in the record)."""
+    may be missing: an actor restarting, a finished source whose figures are in the record).
+    ``pending``: the ingest actor exists but is not placed yet (waiting for resources)."""
     ingest_gone = ing is None
     if ing is None:  # no answer from the actor: its final figures, if the record has them
         ing = IngestStats.from_dict(rec.ingest) if rec.ingest is not None else IngestStats(status="")
@@ -108,7 +110,9 @@ def stream_status(rec: StreamRecord, ing: IngestStats | None, enc: EncoderStats 
     if status == "created":
         status = "starting"
     error = ing.error if ing.error is not None else rec.error
-    if ingest_gone and rec.ingest is None and status in ("starting", "live", "reconnecting"):
+    if pending:
+        status = "pending"
+    elif ingest_gone and rec.ingest is None and status in ("starting", "live", "reconnecting"):
         status, error = "failed", "the stream's ingest actor is gone"
     if status == "ended" and not _drained(enc, dec):
         status = "live"  # the source ended; its last windows are still on their way into the context
@@ -123,7 +127,8 @@ def stream_status(rec: StreamRecord, ing: IngestStats | None, enc: EncoderStats 
     drops = {**ing.drops, **enc.drops, **{f"decoder_{k}": v for k, v in dec.drops.items()}}
     t = enc.tokens
     return {
-        "id": rec.id, "name": rec.name, "source": rec.source, "status": status, "error": error,
+        "id": rec.id, "name": rec.name, "source": redact(rec.source), "status": status,
+        "error": redact(error) if error else error,
         "created": rec.created, "lag_s": round(float(lag), 3), "media_s": float(ing.media_s),
         "windows": dec.windows, "windows_total": ing.windows_total, "dropped": sum(drops.values()),
         "reconnects": ing.reconnects, "context_tokens": dec.context_tokens,

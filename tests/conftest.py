@@ -43,10 +43,12 @@ def ray_session() -> Iterator[dict[str, int]]:
 
 
 @pytest.fixture(scope="session")
-def serve_api(ray_session: dict[str, int], redis_server: RedisServer) -> Iterator[dict[str, object]]:
+def serve_api(ray_session: dict[str, int], redis_server: RedisServer,
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
     """One Ray Serve instance for the session: pipeline.serve's app on 127.0.0.1 (a free port)
     over the real engine with the tiny model and the session's Redis. Yields its base URL, the
-    Ray metrics export port and the Redis URL. Shut down after the session's tests."""
+    Ray metrics export port, the Redis URL and two API keys (two tenants). Shut down after the
+    session's tests."""
     import time
 
     import requests
@@ -57,9 +59,14 @@ def serve_api(ray_session: dict[str, int], redis_server: RedisServer) -> Iterato
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    config = {"model": "tiny", "device": "cpu", "redis_url": redis_server.url,
-              "name": "httptest", "torch_threads": 1}  # its own actor names: other tests' engines differ
-    serve.run(build_app(config), name="omnizip", route_prefix="/")
+    # its own actor names (other tests' engines differ); the operator allows the test sources
+    # (lavfi graphs, files under pytest's temp dir, servers on 127.0.0.1) a default engine refuses
+    config = {"model": "tiny", "device": "cpu", "redis_url": redis_server.url, "name": "httptest",
+              "torch_threads": 1, "allow_sources": "file,lavfi,loopback",
+              "file_roots": str(tmp_path_factory.getbasetemp()), "source_hosts": "127.0.0.1"}
+    keys = ["test-key-alpha-0123456789", "test-key-bravo-0123456789"]
+    serve.run(build_app(config, gate={"api_keys": keys, "requests_per_s": 1000.0, "request_burst": 1000}),
+              name="omnizip", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:  # the replica is up; wait for the engine behind it too
@@ -72,7 +79,7 @@ def serve_api(ray_session: dict[str, int], redis_server: RedisServer) -> Iterato
             raise RuntimeError(f"{url}/healthz not 200 within 120 s")
         time.sleep(0.5)
     yield {"url": url, "metrics_port": ray_session["metrics_port"], "redis_url": redis_server.url,
-           "service": config["name"]}
+           "service": config["name"], "key": keys[0], "other_key": keys[1]}
     serve.shutdown()
     import ray
 

@@ -20,7 +20,9 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, extra_args: list[str] | None = None,
+                 username: str | None = None, password: str | None = None) -> None:
+        self.extra_args, self.username, self.password = list(extra_args or []), username, password
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server is not installed (scripts/apt-packages.txt lists it)")
@@ -37,9 +39,10 @@ class RedisServer:
             [self.exe, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.dir),
              "--appendonly", "yes", "--appendfsync", "always", "--save", "",
              "--protected-mode", "yes", "--daemonize", "no",
-             "--logfile", str(self.dir / "redis.log")],
+             "--logfile", str(self.dir / "redis.log"), *self.extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1)
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1, username=self.username,
+                             password=self.password)
         deadline = time.monotonic() + timeout_s
         try:
             while True:

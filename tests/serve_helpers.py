@@ -38,9 +38,11 @@ class Event:
 class Api:
     """The service's routes over plain HTTP (requests), every call with a timeout."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, key: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.http = requests.Session()
+        if key is not None:
+            self.http.headers["Authorization"] = f"Bearer {key}"
 
     def get(self, path: str, **kw: Any) -> requests.Response:
         return self.http.get(self.url + path, timeout=kw.pop("timeout", TIMEOUT_S), **kw)

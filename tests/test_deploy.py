@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
@@ -64,3 +65,42 @@ def test_dockerfile_installs_torch_before_the_project():
     text = (DEPLOY / "Dockerfile").read_text()
     assert text.index("pip install \"torch==") < text.index("pip install \".[stream]\"")
     assert "EXPOSE 8000 8080" in text
+
+
+def test_compose_redis_acl_serves_the_store_and_nothing_else(tmp_path: Path) -> None:
+    """The compose file's Redis command, run for real: the service's ACL user can do everything
+    the store does; no password, the default user and dangerous commands are refused."""
+    import re
+
+    import redis as redis_lib
+
+    from pipeline.store import open_store
+    from redis_helpers import RedisServer
+
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    command = compose["services"]["redis"]["command"]
+    pw = "compose-test-password-0123"
+    args = [re.sub(r"\$\{OMNIZIP_REDIS_PASSWORD:\?[^}]*\}", pw, a) for a in command[1:]]
+    args = [a for a in args if a not in ("--appendfsync", "everysec", "--appendonly", "yes")]
+    server = RedisServer(tmp_path / "r", extra_args=args, username="omnizip", password=pw)
+    server.start()
+    try:
+        url = f"redis://omnizip:{pw}@127.0.0.1:{server.port}/0"
+        assert compose["services"]["omnizip"]["environment"]["OMNIZIP_REDIS_URL"].startswith("redis://omnizip:")
+        with open_store(url) as st:
+            assert st.ping()
+            rec = st.create_stream({"source": "lavfi:testsrc2", "settings": {}})
+            st.append_window(rec["id"], 0, b"payload", media_start=0.0, media_end=2.0, fields={"a": 1},
+                             state=b"state")
+            assert [w.index for w in st.windows(rec["id"])] == [0] and st.load_state(rec["id"]).data == b"state"
+            assert st.delete_stream(rec["id"])
+        with pytest.raises(redis_lib.AuthenticationError):
+            redis_lib.Redis(host="127.0.0.1", port=server.port, username="omnizip", password="wrong").ping()
+        with pytest.raises((redis_lib.AuthenticationError, redis_lib.ResponseError)):
+            redis_lib.Redis(host="127.0.0.1", port=server.port).set("x", "y")  # default user is off
+        r = redis_lib.Redis(host="127.0.0.1", port=server.port, username="omnizip", password=pw)
+        for cmd in (("FLUSHALL",), ("CONFIG", "GET", "dir"), ("SET", "other:key", "1")):
+            with pytest.raises(redis_lib.exceptions.NoPermissionError):
+                r.execute_command(*cmd)
+    finally:
+        server.stop()

@@ -29,19 +29,19 @@ pytestmark = [
 ]
 
 # Lose a camera fast and retry it fast, so an outage is seen and survived within seconds.
-LIVE_OPTIONS = {"open_timeout_s": 5.0, "read_timeout_s": 2.0,
-                "reconnect": {"initial_s": 0.2, "factor": 2.0, "cap_s": 1.0}}
+LIVE_OPTIONS = {"open_timeout_s": 5.0, "read_timeout_s": 2.0,  # the typed options HTTP clients get
+                "reconnect_delay_s": 0.2, "reconnect_max_delay_s": 1.0}
 QUESTION = "What is moving on screen, and what do you hear?"
 
 
 @pytest.fixture(scope="module")
 def api(serve_api: dict[str, Any]) -> Api:
-    return Api(str(serve_api["url"]))
+    return Api(str(serve_api["url"]), str(serve_api["key"]))
 
 
 @pytest.fixture(scope="module")
 def oai(serve_api: dict[str, Any]) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{serve_api['url']}/v1", api_key="unused", timeout=90, max_retries=0)
+    return openai.OpenAI(base_url=f"{serve_api['url']}/v1", api_key=str(serve_api["key"]), timeout=90, max_retries=0)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from test_engine_service import answer, ended, healthy, lavfi, wait
 def svc(ray_session: dict) -> Iterator[Any]:
     from pipeline.service import get_or_create_service, shutdown_service
     # one window per encoder call, queues of 2: an unpaced file outruns the encoder
-    handle = get_or_create_service({"name": "eng-mem", "queue_windows": 2, "max_batch": 1,
+    handle = get_or_create_service({"name": "eng-mem", "queue_windows": 2, "max_batch": 1, "allow_sources": "lavfi",
                                     "behind_policy": "compress_harder"})
     assert healthy(handle)["ok"]
     yield handle

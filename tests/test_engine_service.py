@@ -54,7 +54,8 @@ def ended(st: dict) -> bool:
 @pytest.fixture(scope="module")
 def svc(ray_session: dict, redis_server: Any) -> Iterator[Any]:
     from pipeline.service import get_or_create_service, shutdown_service
-    handle = get_or_create_service({"name": "eng-redis", "redis_url": redis_server.url, "context_tokens": 4096})
+    handle = get_or_create_service({"name": "eng-redis", "redis_url": redis_server.url, "context_tokens": 4096,
+                                    "allow_sources": "file,lavfi"})
     assert healthy(handle)["ok"]
     yield handle
     shutdown_service(handle)

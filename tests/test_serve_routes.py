@@ -19,12 +19,12 @@ LIVE = ("lavfi:testsrc2=size=160x120:rate=10[out0];"
 
 @pytest.fixture(scope="module")
 def api(serve_api: dict[str, Any]) -> Api:
-    return Api(str(serve_api["url"]))
+    return Api(str(serve_api["url"]), str(serve_api["key"]))
 
 
 @pytest.fixture(scope="module")
 def oai(serve_api: dict[str, Any]) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{serve_api['url']}/v1", api_key="unused", timeout=60, max_retries=0)
+    return openai.OpenAI(base_url=f"{serve_api['url']}/v1", api_key=str(serve_api["key"]), timeout=60, max_retries=0)
 
 
 @pytest.fixture(scope="module")
