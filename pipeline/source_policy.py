@@ -70,9 +70,12 @@ class SourceRefused(UnsupportedSourceError):
     option:not-allowed. A ValueError (and a pipeline.errors.SourceError): a client's mistake."""
 
     def __init__(self, rule: str, detail: str, url: str | None = None) -> None:
-        self.rule = rule
+        self.rule, self._detail, self._url = rule, detail, url
         super().__init__(redact(f"source refused ({rule}): {detail}"),
                          None if url is None else redact(url))
+
+    def __reduce__(self) -> tuple:  # crosses Ray (pickled) with its own arguments
+        return (type(self), (self.rule, self._detail, self._url))
 
 
 def has_control_chars(text: str) -> bool:
