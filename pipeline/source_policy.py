@@ -21,22 +21,36 @@ source's scheme. `redact(text)` removes credentials from every URL in a text.
 `HttpSourceOptions` is the typed, bounded subset of `pipeline.sources.SourceOptions` an HTTP
 client may set. This module opens nothing (it resolves host names) and imports neither av, torch
 nor ray.
+
+This module holds the rules (`SourcePolicy`, what kind a source is, the whitelists); its parts
+live beside it and are re-exported here: `pipeline.redact` (redaction), `pipeline.source_refused`
+(the refusal and the control-character rule), `pipeline.source_hosts` (address spellings,
+categories, resolution, `NetworkTarget`), `pipeline.source_lavfi` (the filter-graph parser and
+allow-lists) and `pipeline.source_options` (`HttpSourceOptions`).
 """
 from __future__ import annotations
 
-import ipaddress
-import math
 import os
 import re
-import socket
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from pipeline.errors import UnsupportedSourceError
+from pipeline.redact import redact
+from pipeline.source_hosts import (
+    HOST_NAME,
+    IPAddress,
+    NetworkTarget,
+    category,
+    host_entry,
+    in_any,
+    ip_literal,
+    resolve,
+)
+from pipeline.source_lavfi import GENERATOR_FILTERS, PROCESSING_FILTERS, lavfi_filters
+from pipeline.source_options import HttpSourceOptions
+from pipeline.source_refused import SourceRefused, has_control_chars
 
 __all__ = [
     "ALLOW_KINDS", "GENERATOR_FILTERS", "HttpSourceOptions", "PROCESSING_FILTERS", "SourcePolicy",
@@ -54,33 +68,10 @@ _WHITELIST = {
     "lavfi": "",  # the lavfi device opens no URL; an empty whitelist lets nothing through
     "device": "",
 }
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 # What FFmpeg takes for a protocol prefix (url_find_protocol): scheme characters, then ':'
 _FF_PROTOCOL = re.compile(r"^[A-Za-z0-9+.\-]+:")
-_HOST_NAME = re.compile(r"^(?=.{1,253}$)[a-z0-9_]([a-z0-9_\-]{0,62})(\.[a-z0-9_]([a-z0-9_\-]{0,62}))*$")
 _SPECIAL_DIRS = ("/proc", "/sys", "/dev")
-
-
-class SourceRefused(UnsupportedSourceError):
-    """The source policy refuses this source; nothing was opened. `rule` is a short code:
-    scheme, control-char, url:invalid, host:loopback, host:link-local, host:unspecified,
-    host:multicast, host:reserved, host:invalid, host:not-allowed, resolve, file:not-allowed,
-    file:outside-roots, file:special, device:not-allowed, lavfi:not-allowed, lavfi:filter,
-    option:not-allowed. A ValueError (and a pipeline.errors.SourceError): a client's mistake."""
-
-    def __init__(self, rule: str, detail: str, url: str | None = None) -> None:
-        self.rule, self._detail, self._url = rule, detail, url
-        super().__init__(redact(f"source refused ({rule}): {detail}"),
-                         None if url is None else redact(url))
-
-    def __reduce__(self) -> tuple:  # crosses Ray (pickled) with its own arguments
-        return (type(self), (self.rule, self._detail, self._url))
-
-
-def has_control_chars(text: str) -> bool:
-    """True if `text` holds a C0/C1 control character (CR, LF, NUL, DEL, ...) or a line separator."""
-    return bool(_CONTROL.search(text))
 
 
 def file_url_path(url: str) -> str:
@@ -89,316 +80,10 @@ def file_url_path(url: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# redaction
-
-_URL_IN_TEXT = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://)([^\s'\"<>`]*)")
-_PARAM = re.compile(r"([?&#;])([^=&#?;]*)=([^&#;]*)")
-_AUTH_HEADER = re.compile(
-    r"(?i:\b(?:proxy-)?authorization\s*[:=]\s*(?:(?:bearer|basic|digest|token)\s+)?)"
-    r"(?!\*\*\*|(?i:bearer|basic|digest|token)\b)([^\s'\",;]{4,})")
-_AUTH_BARE = re.compile(r"\b(?:Bearer|Basic)\s+(?!\*\*\*)([A-Za-z0-9._~+/\-]{8,}=*)")
-_SECRET_KEYS = frozenset({
-    "token", "key", "api_key", "apikey", "api-key", "access_token", "refresh_token", "id_token",
-    "auth", "authorization", "password", "passwd", "pwd", "pass", "secret", "client_secret", "sig",
-    "signature", "session", "sessionid", "credential", "credentials", "jwt", "bearer", "hdnts",
-    "hdnea", "hdntl", "policy", "key-pair-id", "code",
-})
-_SECRET_PARTS = ("token", "secret", "passw", "signature", "credential", "apikey", "api_key", "auth")
-_SECRET_PREFIXES = ("x-amz-", "x-goog-", "x-ms-", "x-oss-", "x-cos-")
-
-
-def _secret_key(key: str) -> bool:
-    k = urllib.parse.unquote(key).strip().lower()
-    return (k in _SECRET_KEYS or any(p in k for p in _SECRET_PARTS)
-            or k.startswith(_SECRET_PREFIXES))
-
-
-def _redact_url(m: re.Match) -> str:
-    scheme, rest = m.group(1), m.group(2)
-    cut = len(rest)
-    for ch in "?#":
-        i = rest.find(ch)
-        if i != -1:
-            cut = min(cut, i)
-    at = rest.rfind("@", 0, cut)  # the last '@' of the authority (a password may hold '/' or '@')
-    if at != -1:
-        rest = "***" + rest[at:]
-    rest = _PARAM.sub(lambda p: p.group(0) if not _secret_key(p.group(2))
-                      else f"{p.group(1)}{p.group(2)}=***", rest)
-    return scheme + rest
-
-
-def redact(text: Any) -> str:
-    """`text` with credentials removed from every URL in it: `user:password@` becomes `***@`,
-    and token-like query or fragment parameters (token, key, api_key, access_token, auth,
-    password, sig, signature, secret, X-Amz-*, ...) get the value `***`; `Authorization:` /
-    `Bearer` / `Basic` values too. Idempotent; never raises."""
-    s = text if isinstance(text, str) else str(text)
-    s = _URL_IN_TEXT.sub(_redact_url, s)
-    s = _AUTH_HEADER.sub(lambda m: m.group(0)[: m.start(1) - m.start(0)] + "***", s)
-    return _AUTH_BARE.sub(lambda m: m.group(0)[: m.start(1) - m.start(0)] + "***", s)
-
-
-# ---------------------------------------------------------------------------------------------
-# addresses
-
-_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
-_V4_THIS_NET = ipaddress.ip_network("0.0.0.0/8")
-_V4_RESERVED = ipaddress.ip_network("240.0.0.0/4")  # includes 255.255.255.255
-_V6_COMPAT = ipaddress.ip_network("::/96")
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-def _embedded_v4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    """The IPv4 address an IPv6 address carries (mapped, compatible, 6to4, Teredo, NAT64)."""
-    if ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    if ip in _V6_COMPAT:
-        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-    if ip.sixtofour is not None:
-        return ip.sixtofour
-    if ip.teredo is not None:
-        return ip.teredo[1]
-    for net in _NAT64:
-        if ip in net:
-            return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-    return None
-
-
-def _category(ip: IPAddress) -> str | None:
-    """Why an address is never a media source (loopback, link-local, ...), or None."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.scope_id:
-            ip = ipaddress.IPv6Address(ip.compressed.split("%", 1)[0])
-        if ip.is_loopback:
-            return "loopback"
-        if ip.is_unspecified:
-            return "unspecified"
-        if ip.is_link_local:
-            return "link-local"
-        if ip.is_multicast:
-            return "multicast"
-        v4 = _embedded_v4(ip)
-        return _category(v4) if v4 is not None else None
-    if ip.is_loopback:
-        return "loopback"
-    if ip.is_unspecified or ip in _V4_THIS_NET:  # 0.0.0.0 reaches this host on Linux
-        return "unspecified"
-    if ip.is_link_local:
-        return "link-local"
-    if ip.is_multicast:
-        return "multicast"
-    if ip in _V4_RESERVED:
-        return "reserved"
-    return None
-
-
-def _inet_aton(s: str) -> ipaddress.IPv4Address | None:
-    """IPv4 the way the C library's inet_aton reads it: 1 to 4 parts, each decimal, octal (0...)
-    or hex (0x...), the last filling the remaining bytes (`127.1`, `2130706433`, `0x7f.1`)."""
-    parts = s.split(".")
-    if not 1 <= len(parts) <= 4:
-        return None
-    vals = []
-    for p in parts:
-        try:
-            if re.fullmatch(r"0[xX][0-9a-fA-F]*", p):
-                vals.append(int(p[2:] or "0", 16))
-            elif re.fullmatch(r"0[0-7]*", p):
-                vals.append(int(p, 8))
-            elif re.fullmatch(r"[1-9][0-9]*", p):
-                vals.append(int(p))
-            else:
-                return None
-        except ValueError:
-            return None
-    *head, last = vals
-    if any(v > 255 for v in head) or last >= 256 ** (4 - len(head)):
-        return None
-    n = 0
-    for v in head:
-        n = n * 256 + v
-    return ipaddress.IPv4Address((n << (8 * (4 - len(head)))) | last)
-
-
-def _ip_literal(host: str) -> IPAddress | None:
-    if ":" in host:
-        try:
-            return ipaddress.IPv6Address(host)
-        except ValueError:
-            return None
-    return _inet_aton(host)
-
-
-def _resolve(host: str, port: int) -> list[IPAddress]:
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    out: list[IPAddress] = []
-    for *_, sockaddr in infos:
-        a = ipaddress.ip_address(sockaddr[0])
-        if a not in out:
-            out.append(a)
-    return out
-
-
-@dataclass(frozen=True)
-class NetworkTarget:
-    """A network source that passed the policy: where to connect (every address was judged)."""
-
-    scheme: str
-    host: str  # as it goes on the wire (Host header, TLS server name)
-    port: int
-    addresses: tuple[str, ...]
-
-
-# ---------------------------------------------------------------------------------------------
-# lavfi
-
-# Source filters that generate media from their options and read nothing.
-GENERATOR_FILTERS = frozenset({
-    "testsrc", "testsrc2", "smptebars", "smptehdbars", "rgbtestsrc", "yuvtestsrc", "pal75bars",
-    "pal100bars", "colorspectrum", "colorchart", "allrgb", "allyuv", "color", "nullsrc",
-    "mandelbrot", "gradients", "sierpinski", "haldclutsrc",
-    "sine", "anoisesrc", "aevalsrc", "anullsrc",
-})
-# Plain processing filters: frames in, frames out, options are numbers or expressions.
-PROCESSING_FILTERS = frozenset({
-    "null", "anull", "copy", "acopy", "scale", "format", "aformat", "fps", "setpts", "asetpts",
-    "settb", "asettb", "trim", "atrim", "volume", "aresample", "pan", "amix", "amerge", "apad",
-    "split", "asplit", "overlay", "hstack", "vstack", "concat", "crop", "pad", "hflip", "vflip",
-    "transpose", "negate", "hue", "gblur", "noise", "drawbox", "drawgrid", "setsar", "setdar",
-    "fade", "afade", "lowpass", "highpass", "tpad", "geq", "lutyuv", "lutrgb", "select", "aselect",
-    "rotate", "edgedetect", "showwaves", "loop", "aloop", "atempo", "channelmap", "channelsplit",
-    "join", "tremolo", "vibrato", "aeval",
-})
-_LAVFI_FILTERS = GENERATOR_FILTERS | PROCESSING_FILTERS
-# Option names that point at something outside the graph, refused even on an allowed filter.
-_FILEISH_KEY = re.compile(r"file|url|path|dir|font|model|plugin|shader|sofa|bind|dump|source|graph")
-_NAME = re.compile(r"^[a-z0-9_]+$")
-_LABEL = re.compile(r"^[A-Za-z0-9_]+$")
-_WS = " \n\t\r"
-
-
-def _get_token(s: str, i: int, term: str) -> tuple[str, int]:
-    """FFmpeg's av_get_token: skip leading blanks, read up to an unescaped, unquoted character of
-    `term`, removing one level of backslash escaping and '...' quoting; trailing blanks dropped."""
-    n = len(s)
-    while i < n and s[i] in _WS:
-        i += 1
-    out: list[str] = []
-    end = 0  # length of `out` that trailing-blank stripping may not cut into
-    while i < n and s[i] not in term:
-        c = s[i]
-        i += 1
-        if c == "\\" and i < n:
-            out.append(s[i])
-            i += 1
-            end = len(out)
-        elif c == "'":
-            while i < n and s[i] != "'":
-                out.append(s[i])
-                i += 1
-            if i < n:
-                i += 1
-                end = len(out)
-        else:
-            out.append(c)
-    while len(out) > end and out[-1] in _WS:
-        out.pop()
-    return "".join(out), i
-
-
-def _labels(g: str, i: int) -> int:
-    n = len(g)
-    while i < n and g[i] == "[":
-        name, i = _get_token(g, i + 1, "]")
-        if i >= n or g[i] != "]" or not _LABEL.match(name):
-            raise SourceRefused("lavfi:filter", "malformed link label in the filter graph")
-        i += 1
-        while i < n and g[i] in _WS:
-            i += 1
-    return i
-
-
-def _options(filt: str, args: str) -> None:
-    """Split a filter's arguments as FFmpeg does (key=value or positional values, ':'-separated,
-    a second level of escaping) and refuse option names or values that point outside the graph."""
-    j, n = 0, len(args)
-    while j < n:
-        k = j
-        while k < n and args[k] in _WS:
-            k += 1
-        ks = k
-        while k < n and (args[k].isascii() and (args[k].isalnum() or args[k] in "-_/.")):
-            k += 1
-        key = args[ks:k]
-        m = k
-        while m < n and args[m] in _WS:
-            m += 1
-        if m < n and args[m] == "=":
-            j = m + 1
-            if not re.fullmatch(r"[A-Za-z0-9_]+", key) or _FILEISH_KEY.search(key.lower()):
-                raise SourceRefused("lavfi:filter", f"option {key!r} of filter {filt!r} is not allowed")
-        value, j = _get_token(args, j, ":")
-        if "://" in value or re.match(r"^(file|https?|rtsps?|tcp|udp|pipe|concat|data):", value, re.I):
-            raise SourceRefused("lavfi:filter", f"filter {filt!r} is given a URL")
-        if j < n and args[j] == ":":
-            j += 1
-
-
-def lavfi_filters(graph: str) -> list[str]:
-    """The filter names of a lavfi graph, parsed the way libavfilter parses it; raises
-    SourceRefused("lavfi:filter") if it is malformed or a filter or option is not allowed."""
-    g, i, n = graph, 0, len(graph)
-    names: list[str] = []
-    while True:
-        while i < n and g[i] in _WS:
-            i += 1
-        i = _labels(g, i)
-        raw_start = i
-        name, i = _get_token(g, i, "=,;[")
-        raw = g[raw_start:i]
-        if "\\" in raw or "'" in raw:
-            raise SourceRefused("lavfi:filter", "quoted or escaped filter names are not allowed")
-        base = name.split("@", 1)[0]
-        if "@" in name and not _LABEL.match(name.split("@", 1)[1]):
-            raise SourceRefused("lavfi:filter", "malformed filter instance name")
-        if not _NAME.match(base):
-            raise SourceRefused("lavfi:filter", f"malformed filter name {base!r}")
-        if base not in _LAVFI_FILTERS:
-            raise SourceRefused("lavfi:filter", f"filter {base!r} is not on the allow-list of generator "
-                                "and processing filters")
-        names.append(base)
-        if i < n and g[i] == "=":
-            args, i = _get_token(g, i + 1, "[],;")
-            _options(base, args)
-        i = _labels(g, i)
-        while i < n and g[i] in _WS:
-            i += 1
-        if i >= n:
-            return names
-        if g[i] not in ",;":
-            raise SourceRefused("lavfi:filter", f"cannot parse the filter graph at {g[i:i + 12]!r}")
-        i += 1
-
-
-# ---------------------------------------------------------------------------------------------
 # the policy
 
 def _split_list(value: str, seps: str) -> list[str]:
     return [p.strip() for p in re.split("[" + re.escape(seps) + "]", value) if p.strip()]
-
-
-def _host_entry(entry: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | str:
-    e = entry.strip().lower().rstrip(".")
-    try:
-        return ipaddress.ip_network(e, strict=False)
-    except ValueError:
-        pass
-    bare = e[2:] if e.startswith("*.") else e[1:] if e.startswith(".") else e
-    if not _HOST_NAME.match(bare):
-        raise ValueError(f"not a host name or CIDR: {entry!r}")
-    return "." + bare if bare != e else e
 
 
 @dataclass(frozen=True)
@@ -423,7 +108,7 @@ class SourcePolicy:
             if not os.path.isabs(r) or has_control_chars(r):
                 raise ValueError(f"file roots must be absolute paths, not {r!r}")
         hosts = tuple(str(h).strip() for h in self.hosts)
-        rules = tuple(_host_entry(h) for h in hosts)
+        rules = tuple(host_entry(h) for h in hosts)
         object.__setattr__(self, "allow", allow)
         object.__setattr__(self, "file_roots", roots)
         object.__setattr__(self, "hosts", hosts)
@@ -452,7 +137,7 @@ class SourcePolicy:
         hosts = _split_list(env.get("OMNIZIP_SOURCE_HOSTS", ""), ",")
         for h in hosts:
             try:
-                _host_entry(h)
+                host_entry(h)
             except ValueError as e:
                 raise ValueError(f"OMNIZIP_SOURCE_HOSTS: {e}") from None
         kw["hosts"] = tuple(hosts)
@@ -517,8 +202,8 @@ class SourcePolicy:
         if not host.isascii():
             raise SourceRefused("host:invalid", "non-ASCII host name (use its punycode form)", url)
         name = host.rstrip(".") if ":" not in host else host
-        literal = _ip_literal(name)
-        if literal is None and not _HOST_NAME.match(name):
+        literal = ip_literal(name)
+        if literal is None and not HOST_NAME.match(name):
             raise SourceRefused("host:invalid", f"malformed host {host!r}", url)
         if not self.unrestricted and "loopback" not in self.allow and (
                 name == "localhost" or name.endswith(".localhost")):
@@ -529,7 +214,7 @@ class SourcePolicy:
             # percent-encoding FFmpeg would not decode: judged above, but never connected to
             raise SourceRefused("host:invalid", f"percent-encoded host {host!r}", url)
         try:
-            addrs = _resolve(raw_host, port)
+            addrs = resolve(raw_host, port)
         except (OSError, UnicodeError) as e:
             raise SourceRefused("resolve", f"cannot resolve {host} ({e})", url) from None
         if not addrs:
@@ -542,7 +227,7 @@ class SourcePolicy:
         return NetworkTarget(scheme, wire, port, tuple(str(a) for a in addrs))
 
     def _judge(self, ip: IPAddress, host: str, url: str) -> None:
-        cat = _category(ip)
+        cat = category(ip)
         if cat is None or self.unrestricted:
             return
         if cat == "loopback" and "loopback" in self.allow:
@@ -556,7 +241,7 @@ class SourcePolicy:
                 if name == rule or rule.startswith(".") and name.endswith(rule):
                     return
         nets = [r for r in self._host_rules if not isinstance(r, str)]
-        if nets and all(_in_any(a, nets) for a in addrs):
+        if nets and all(in_any(a, nets) for a in addrs):
             return
         raise SourceRefused("host:not-allowed", f"{name} is not on the operator's host allow-list", url)
 
@@ -625,16 +310,6 @@ class SourcePolicy:
         kind, _ = _kind_of(source)
         return _WHITELIST["file" if kind == "file-url" else kind]
 
-
-def _in_any(ip: IPAddress, nets: list) -> bool:
-    cands = [ip]
-    if isinstance(ip, ipaddress.IPv6Address):
-        v4 = _embedded_v4(ip)
-        if v4 is not None:
-            cands.append(v4)
-    return any(c.version == n.version and c in n for c in cands for n in nets)
-
-
 def _inside(path: str, root: str) -> bool:
     root = root.rstrip("/") or "/"
     return path == root or path.startswith(root if root == "/" else root + "/")
@@ -671,68 +346,3 @@ def _kind_of(source: Any) -> tuple[str, str]:
         proto = re.split(r"[:,]", s, maxsplit=1)[0]
         raise SourceRefused("scheme", f"FFmpeg protocol {proto!r} is not allowed", s)
     return "file", s
-
-
-# ---------------------------------------------------------------------------------------------
-# typed options for HTTP clients
-
-def _reject_control(value: Any, where: str = "options") -> None:
-    if isinstance(value, str):
-        if has_control_chars(value):
-            raise ValueError(f"control characters are not allowed in {where}")
-    elif isinstance(value, Mapping):
-        for k, v in value.items():
-            _reject_control(k, where)
-            _reject_control(v, f"{where}.{k}")
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            _reject_control(v, where)
-
-
-class HttpSourceOptions(BaseModel):
-    """Source options an HTTP client may set: explicit, typed and bounded. No raw FFmpeg
-    options, no paired audio device, no RTSP listen mode (those stay with the operator)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-    rtsp_transport: Literal["tcp", "udp"] = "tcp"
-    open_timeout_s: float = Field(8.0, gt=0, le=300, allow_inf_nan=False)
-    read_timeout_s: float = Field(8.0, gt=0, le=300, allow_inf_nan=False)
-    reconnect: bool = True
-    max_reconnects: Optional[int] = Field(None, ge=0, le=10_000)  # None: keep trying (live)
-    reconnect_delay_s: float = Field(0.5, ge=0.05, le=60, allow_inf_nan=False)
-    reconnect_max_delay_s: float = Field(10.0, ge=0.05, le=300, allow_inf_nan=False)
-    live: Optional[bool] = None  # None: decided from the source
-    audio: bool = True
-    video: bool = True
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_control_chars(cls, data: Any) -> Any:
-        _reject_control(data)
-        return data
-
-    @model_validator(mode="after")
-    def _delays(self) -> "HttpSourceOptions":
-        if self.reconnect_max_delay_s < self.reconnect_delay_s:
-            raise ValueError("reconnect_max_delay_s must be >= reconnect_delay_s")
-        return self
-
-    def to_source_options(self) -> dict[str, Any]:
-        """A plain dict that pipeline.sources.SourceOptions.coerce accepts (JSON-serialisable)."""
-        out: dict[str, Any] = {
-            "rtsp_transport": self.rtsp_transport,
-            "open_timeout_s": float(self.open_timeout_s),
-            "read_timeout_s": float(self.read_timeout_s),
-            "reconnect": {
-                "initial_s": float(self.reconnect_delay_s),
-                "cap_s": float(self.reconnect_max_delay_s),
-                "max_attempts": (self.max_reconnects if self.reconnect else 0),
-            },
-            "audio": self.audio,
-            "video": self.video,
-        }
-        if self.live is not None:
-            out["live"] = self.live
-        assert all(math.isfinite(out[k]) for k in ("open_timeout_s", "read_timeout_s"))
-        return out

@@ -246,7 +246,7 @@ def test_assembler_out_of_order_and_overlap():
 def test_finite_paired_inputs_are_merged_in_media_time_order():
     """A separate audio input that starts late must not let the video run ahead of it (a window
     would close before its audio arrived): finite inputs are interleaved by media time."""
-    from pipeline.sources import _merge_by_time
+    from pipeline.source_events import merge_by_time
 
     def video():
         for i in range(8):
@@ -257,7 +257,7 @@ def test_finite_paired_inputs_are_merged_in_media_time_order():
         for i in range(4):
             yield AudioChunk(i * 1.0, np.zeros(16000, np.float32))
 
-    merged = list(_merge_by_time([video(), late_audio()]))
+    merged = list(merge_by_time([video(), late_audio()]))
     times = [ev.t for ev in merged]
     assert times == sorted(times) and len(merged) == 12
     assert [type(ev).__name__ for ev in merged[:3]] == ["VideoChunk", "AudioChunk", "VideoChunk"]

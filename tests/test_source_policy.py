@@ -19,7 +19,6 @@ from pydantic import ValidationError
 
 import media_fixtures as mf
 from ingest_servers import RecordingTcpListener, RoutedHttpServer, free_port
-from pipeline import source_policy as sp
 from pipeline.errors import SourceError, SourceUnavailableError, UnsupportedSourceError
 from pipeline.source_policy import HttpSourceOptions, SourcePolicy, SourceRefused, redact
 from pipeline.sources import Backoff, Source, SourceOptions, open_source
@@ -111,7 +110,7 @@ def fake_dns(monkeypatch, table: dict[str, list[str]]):
                      (ip, port or 0)) for ip in table[host]]
         return real(host, port, *a, **kw)
 
-    monkeypatch.setattr(sp.socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)  # what pipeline.source_hosts resolves with
 
 
 def test_every_resolved_address_is_judged(monkeypatch):
