@@ -12,6 +12,9 @@ Redis layout (keys share the hash tag ``{<stream id>}`` so a stream's keys live 
 - ``omnizip:{id}:windows``        Redis stream, entry id ``<index+1>-0`` (idempotent appends),
                                   fields ``end`` (media end, s), ``meta`` (JSON), ``payload``
 - ``omnizip:{id}:state``          hash ``index`` (last window folded in) + ``data`` (bytes)
+- ``omnizip:{id}:blobs``          hash ``<index>:<kind>`` -> bytes: side data of a window (its
+                                  pictures' data, pipeline.window_viz), + ``blobidx`` (sorted
+                                  set, score = index) to drop them with their windows
 """
 
 from __future__ import annotations
@@ -61,6 +64,9 @@ class Retention:
 
     max_windows: int | None = None
     max_age_s: float | None = None
+    #: side blobs (put_blob) of at most this many newest windows, and never of a window that
+    #: retention dropped: pictures of the recent past are enough, and they must stay small
+    max_blob_windows: int | None = 300
 
     def __post_init__(self) -> None:
         if self.max_windows is not None and (not isinstance(self.max_windows, int)
@@ -68,6 +74,9 @@ class Retention:
             raise ValueError(f"Retention.max_windows must be an int >= 1, got {self.max_windows!r}")
         if self.max_age_s is not None and not (self.max_age_s >= 0 and math.isfinite(self.max_age_s)):
             raise ValueError(f"Retention.max_age_s must be a finite number >= 0, got {self.max_age_s!r}")
+        if self.max_blob_windows is not None and (not isinstance(self.max_blob_windows, int)
+                                                  or self.max_blob_windows < 1):
+            raise ValueError(f"Retention.max_blob_windows must be an int >= 1, got {self.max_blob_windows!r}")
 
 
 @dataclass(frozen=True)
@@ -112,6 +121,15 @@ def _check_window(index: int, payload: bytes, media_start: float, media_end: flo
             raise TypeError(f"fields[{k!r}] must map a str to a str/int/float/bool/None, got {v!r}")
     json.dumps(out)  # raises early on anything JSON cannot hold
     return out
+
+
+def _check_blob(index: int, kind: str) -> str:
+    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+        raise ValueError(f"index must be an int >= 0, got {index!r}")
+    if not isinstance(kind, str) or not 1 <= len(kind) <= 32 or not all(c.isalnum() or c in "_-" for c in kind) \
+            or not kind.isascii():
+        raise ValueError(f"blob kind must be 1-32 ASCII letters, digits, '_' or '-', got {kind!r}")
+    return f"{index}:{kind}"
 
 
 def _check_spec(spec: Mapping[str, Any], what: str) -> dict[str, Any]:
@@ -169,6 +187,18 @@ class StreamStore(ABC):
         """All retained windows with index >= ``start``, in order (context rebuild)."""
         return list(self.iter_windows(stream_id, start))
 
+    def window_page(self, stream_id: str, start: int = 0, limit: int = 100) -> list[StoredWindow]:
+        """At most ``limit`` retained windows with index >= ``start``, in order, WITHOUT their
+        payloads (``b""``): a listing must not copy every window's embeddings to its caller."""
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise ValueError(f"limit must be an int >= 1, got {limit!r}")
+        out = []
+        for w in self.iter_windows(stream_id, start, batch=min(limit, 32)):
+            out.append(StoredWindow(w.index, w.media_start, w.media_end, b"", dict(w.fields)))
+            if len(out) >= limit:
+                break
+        return out
+
     @abstractmethod
     def window_count(self, stream_id: str) -> int:
         """How many windows are retained."""
@@ -185,6 +215,26 @@ class StreamStore(ABC):
     @abstractmethod
     def load_state(self, stream_id: str) -> StoredState | None:
         """The last saved compressor state, None if none was saved."""
+
+    # --- side blobs -----------------------------------------------------------------------
+    @abstractmethod
+    def put_blob(self, stream_id: str, index: int, kind: str, data: bytes) -> None:
+        """Store side data of window ``index`` under ``kind`` (replacing one of the same kind),
+        e.g. what its pictures are drawn from. Kept only for the windows retention keeps, and
+        for at most ``retention.max_blob_windows`` newest indices; removed with the stream.
+        It may come before its window is appended."""
+
+    @abstractmethod
+    def get_blob(self, stream_id: str, index: int, kind: str) -> bytes | None:
+        """The blob, None when there is none (never stored, or dropped with its window)."""
+
+    def _blob_floor(self, first_window: int | None, top_blob: int) -> int | None:
+        """The lowest index whose blobs are kept: the oldest retained window's, raised to keep
+        at most ``max_blob_windows`` indices below the newest blob."""
+        lows = [first_window] if first_window is not None else []
+        if self.retention.max_blob_windows is not None:
+            lows.append(top_blob - self.retention.max_blob_windows + 1)
+        return max(lows) if lows else None
 
     # --- lifecycle ------------------------------------------------------------------------
     def ping(self) -> bool:
@@ -238,6 +288,7 @@ class MemoryStore(StreamStore):
         self._windows: dict[str, list[StoredWindow]] = {}
         self._last_id: dict[str, int] = {}  # like a Redis stream's last-generated-id
         self._states: dict[str, StoredState] = {}
+        self._blobs: dict[str, dict[tuple[int, str], bytes]] = {}
 
     def create_stream(self, spec: Mapping[str, Any], stream_id: str | None = None) -> dict[str, Any]:
         rec = self._new_record(spec, stream_id)
@@ -278,6 +329,7 @@ class MemoryStore(StreamStore):
             self._windows.pop(stream_id, None)
             self._last_id.pop(stream_id, None)
             self._states.pop(stream_id, None)
+            self._blobs.pop(stream_id, None)
             return self._specs.pop(stream_id, None) is not None
 
     def append_window(self, stream_id: str, index: int, payload: bytes, *, media_start: float,
@@ -336,6 +388,25 @@ class MemoryStore(StreamStore):
         with self._lock:
             self._rec(stream_id)
             return self._states.get(stream_id)
+
+    def put_blob(self, stream_id: str, index: int, kind: str, data: bytes) -> None:
+        _check_blob(index, kind)
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"blob data must be bytes, got {type(data).__name__}")
+        with self._lock:
+            self._rec(stream_id)
+            blobs = self._blobs.setdefault(stream_id, {})
+            blobs[(index, kind)] = bytes(data)
+            wins = self._windows[stream_id]
+            floor = self._blob_floor(wins[0].index if wins else None, max(i for i, _ in blobs))
+            if floor is not None:
+                self._blobs[stream_id] = {k: v for k, v in blobs.items() if k[0] >= floor}
+
+    def get_blob(self, stream_id: str, index: int, kind: str) -> bytes | None:
+        _check_blob(index, kind)
+        with self._lock:
+            self._rec(stream_id)
+            return self._blobs.get(stream_id, {}).get((index, kind))
 
 
 def open_store(url: str | None, retention: Retention = Retention(), **redis_kwargs: Any) -> StreamStore:

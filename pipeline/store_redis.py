@@ -9,7 +9,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from pipeline.store import (Retention, Scalar, StoredState, StoredWindow, StreamExists, StreamNotFound, StreamStore,
-                            WindowOrderError, _check_id, _check_window)
+                            WindowOrderError, _check_blob, _check_id, _check_window)
 
 __all__ = ["RedisStore"]
 
@@ -40,6 +40,33 @@ if ARGV[6] ~= '' then
     if #first == 0 then break end
     if tonumber(first[1][2][2]) < cutoff then redis.call('XDEL', KEYS[2], first[1][1]) else break end
   end
+end
+return 1
+"""
+
+
+# One atomic step: store a window's side blob, then drop the blobs below the floor (the oldest
+# retained window, raised to keep at most max_blob_windows indices below the newest blob).
+# KEYS: spec, windows, blobs, blobidx. ARGV: 1 index, 2 field, 3 data, 4 max_blob_windows ("" = none).
+# Returns 1 stored, -1 no such stream.
+_PUT_BLOB_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
+redis.call('ZADD', KEYS[4], tonumber(ARGV[1]), ARGV[2])
+local floor = nil
+local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+if #first > 0 then floor = tonumber(string.match(first[1][1], '^(%d+)')) - 1 end
+if ARGV[4] ~= '' then
+  local top = redis.call('ZREVRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+  local low = tonumber(top[2]) - tonumber(ARGV[4]) + 1
+  if floor == nil or low > floor then floor = low end
+end
+if floor ~= nil then
+  local old = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', '(' .. floor)
+  for i = 1, #old, 500 do
+    redis.call('HDEL', KEYS[3], unpack(old, i, math.min(i + 499, #old)))
+  end
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. floor)
 end
 return 1
 """
@@ -76,6 +103,7 @@ class RedisStore(StreamStore):
             health_check_interval=10,
         )
         self._append = self._r.register_script(_APPEND_LUA)
+        self._put_blob = self._r.register_script(_PUT_BLOB_LUA)
         self._redis_mod = redis
 
     @staticmethod
@@ -134,12 +162,12 @@ class RedisStore(StreamStore):
         return out["rec"]
 
     def delete_stream(self, stream_id: str) -> bool:
-        keys = [self._k(stream_id, w) for w in ("spec", "windows", "state")]
+        keys = [self._k(stream_id, w) for w in ("spec", "windows", "state", "blobs", "blobidx")]
         pipe = self._r.pipeline(transaction=True)
         pipe.delete(keys[0])
         pipe.delete(*keys[1:])
         pipe.srem(self.REGISTRY, stream_id)
-        existed, _, _ = pipe.execute()
+        existed = pipe.execute()[0]
         return bool(existed)
 
     # --- windows --------------------------------------------------------------------------
@@ -213,3 +241,19 @@ class RedisStore(StreamStore):
         if got[0] is None:
             return None
         return StoredState(int(got[0]), got[1])
+
+    # --- side blobs -----------------------------------------------------------------------
+    def put_blob(self, stream_id: str, index: int, kind: str, data: bytes) -> None:
+        name = _check_blob(index, kind)
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"blob data must be bytes, got {type(data).__name__}")
+        n = self.retention.max_blob_windows
+        res = self._put_blob(keys=[self._k(stream_id, w) for w in ("spec", "windows", "blobs", "blobidx")],
+                             args=[str(index), name, bytes(data), "" if n is None else str(n)])
+        if res == -1:
+            raise StreamNotFound(f"no stream {stream_id!r}")
+
+    def get_blob(self, stream_id: str, index: int, kind: str) -> bytes | None:
+        name = _check_blob(index, kind)
+        self._require(stream_id)
+        return self._r.hget(self._k(stream_id, "blobs"), name)

@@ -256,3 +256,71 @@ def test_redis_outage_is_ridden_out_by_retries(redis_server):
     finally:
         s.delete_stream(i)
         s.close()
+
+
+# --- side blobs (per-window picture data, pipeline.window_viz) -----------------------------
+def test_blobs_round_trip_replace_and_kinds(make_store):
+    s = make_store()
+    i = s.create_stream({"source": "a"})["id"]
+    assert s.get_blob(i, 0, "viz") is None
+    s.put_blob(i, 0, "viz", b"\x00one")  # may come before its window
+    add(s, i, 0)
+    s.put_blob(i, 0, "viz", b"\x00two")  # replaces
+    s.put_blob(i, 0, "other", b"x")
+    assert s.get_blob(i, 0, "viz") == b"\x00two" and s.get_blob(i, 0, "other") == b"x"
+    assert s.get_blob(i, 1, "viz") is None
+    for bad in ("", "a:b", "a b", "x" * 33, "é"):
+        with pytest.raises(ValueError, match="kind"):
+            s.put_blob(i, 0, bad, b"x")
+    with pytest.raises(ValueError, match="index"):
+        s.put_blob(i, -1, "viz", b"x")
+    with pytest.raises(TypeError):
+        s.put_blob(i, 0, "viz", "text")
+    with pytest.raises(StreamNotFound):
+        s.put_blob("nosuchstream", 0, "viz", b"x")
+    with pytest.raises(StreamNotFound):
+        s.get_blob("nosuchstream", 0, "viz")
+
+
+def test_blobs_follow_window_retention_and_their_own_cap(make_store):
+    s = make_store(Retention(max_windows=4, max_blob_windows=10))
+    i = s.create_stream({"source": "a"})["id"]
+    for k in range(9):
+        s.put_blob(i, k, "viz", b"v%d" % k)
+        add(s, i, k)
+    s.put_blob(i, 9, "viz", b"v9")  # before window 9: the floor is the oldest retained window (5)
+    assert [k for k in range(10) if s.get_blob(i, k, "viz") is not None] == [5, 6, 7, 8, 9]
+    s2 = make_store(Retention(max_blob_windows=3))
+    j = s2.create_stream({"source": "a"})["id"]
+    for k in range(8):
+        add(s2, j, k)
+        s2.put_blob(j, k, "viz", b"v")
+        s2.put_blob(j, k, "b", b"w")
+    assert [k for k in range(8) if s2.get_blob(j, k, "viz")] == [5, 6, 7]
+    assert [k for k in range(8) if s2.get_blob(j, k, "b")] == [5, 6, 7]
+    with pytest.raises(ValueError, match="max_blob_windows"):
+        Retention(max_blob_windows=0)
+
+
+def test_blobs_go_with_the_stream(make_store):
+    s = make_store()
+    i = s.create_stream({"source": "a"})["id"]
+    add(s, i, 0)
+    s.put_blob(i, 0, "viz", b"v")
+    s.delete_stream(i)
+    s.create_stream({"source": "a"}, stream_id=i)
+    assert s.get_blob(i, 0, "viz") is None
+
+
+def test_window_page_lists_without_payloads(make_store):
+    s = make_store()
+    i = s.create_stream({"source": "a"})["id"]
+    for k in range(40):
+        add(s, i, k, fields={"audio_kept": k})
+    page = s.window_page(i, 5, 10)
+    assert [w.index for w in page] == list(range(5, 15))
+    assert all(w.payload == b"" for w in page) and page[0].fields == {"audio_kept": 5}
+    assert [w.index for w in s.window_page(i, 35, 100)] == [35, 36, 37, 38, 39]
+    assert s.window_page(i, 40, 5) == []
+    with pytest.raises(ValueError, match="limit"):
+        s.window_page(i, 0, 0)
