@@ -139,7 +139,8 @@ class StreamOptions(BaseModel):
 
 class ChatCompletionRequest(BaseModel):
     """``POST /v1/chat/completions``: ``model`` names the stream (id or name); the last user
-    message is the question. Sampling knobs are accepted and ignored (decoding is greedy)."""
+    message is the question, the system messages and earlier turns are folded in front of it.
+    Sampling knobs are accepted and ignored (decoding is greedy)."""
 
     model_config = ConfigDict(extra="allow")
     model: str = Field(min_length=1, description="the stream's id or name")
@@ -164,18 +165,19 @@ class ChatCompletionRequest(BaseModel):
                              "(the same cap as a question to /ask)")
         return msgs
 
-    def question(self) -> str:
-        """The last user message: the question asked of the stream."""
-        return [m for m in self.messages if m.role == "user"][-1].text()
 
     def answer_budget(self, default: int = 64) -> int:
         return self.max_completion_tokens or self.max_tokens or default
 
 
 class Usage(BaseModel):
+    """OpenAI's usage: the prompt is the stream's context plus the question; the context part
+    is served from the KV cache (``prompt_tokens_details.cached_tokens``)."""
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: dict[str, int] | None = None
 
 
 class ChoiceMessage(BaseModel):

@@ -21,7 +21,7 @@ from typing import Any
 import ray
 
 from pipeline.config import ServiceConfig
-from pipeline.messages import CompressedItem, Timing, lag_of
+from pipeline.messages import AnswerEnd, AnswerStart, CompressedItem, Timing, lag_of
 from pipeline.metrics import get_metrics
 from pipeline.queues import Added, StreamQueues
 from pipeline.records import StreamRecord
@@ -184,22 +184,44 @@ class DecoderActor:
         self.metrics.set_queue_depth(f"decoder:{self.name}", self.queues.depth())
 
     # -- questions --
-    def ask(self, stream_id: str, question: str, max_tokens: int = 64) -> Iterator[str]:
-        """Text pieces of the answer, one per generated token (stop tokens are not sent)."""
+    def ask(self, stream_id: str, question: str | None = None, max_tokens: int = 64,
+            messages: list[dict] | None = None) -> Iterator[AnswerStart | str | AnswerEnd]:
+        """An answer as events: AnswerStart (prompt size), text pieces, AnswerEnd. Pieces come
+        from an incremental detokenizer, so a piece never holds half a UTF-8 character; the
+        question is ``question`` or the chat ``messages`` folded by the model's own rules."""
+        from omnizip.models import IncrementalDetokenizer
+
         st = self._stream(stream_id)
         stop_ids = self.model.stop_ids
+        detok = IncrementalDetokenizer(self.model.processor)
         t0 = time.perf_counter()
-        ttft, n = None, 0
+        ttft, n, reason = None, 0, "length"
         with st.lock:
-            for tok in st.ctx.answer(question, max_tokens):
-                n += 1
+            tokens = st.ctx.answer(question, max_tokens, messages=messages)
+            for tok in tokens:
                 if ttft is None:
                     ttft = time.perf_counter() - t0
+                    yield self._start(st)
                 if tok in stop_ids:
+                    reason = "stop"
                     break
-                yield self.model.processor.decode([tok], skip_special_tokens=False)
+                n += 1
+                piece = detok.push(tok)
+                if piece:
+                    yield piece
+            if ttft is None:  # not one token: the prompt was still read
+                yield self._start(st)
+        tail = detok.flush()
+        if tail:
+            yield tail
+        yield AnswerEnd(n, reason)
         if ttft is not None:
             self.metrics.observe_answer(ttft, n, time.perf_counter() - t0)
+
+    @staticmethod
+    def _start(st: _Stream) -> AnswerStart:
+        p = st.ctx.last_prompt_tokens
+        return AnswerStart(int(p.context), int(p.question)) if p is not None else AnswerStart(st.ctx.n_tokens, 0)
 
     # -- control --
     def forget(self, stream_id: str) -> bool:

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["CompressedItem", "RawWindow", "Timing", "lag_of"]
+__all__ = ["AnswerEnd", "AnswerStart", "CompressedItem", "RawWindow", "Timing", "lag_of"]
 
 
 def lag_of(t0: float | None, end: float, now: float | None = None) -> float | None:
@@ -70,3 +70,20 @@ class CompressedItem:
 
     def lag(self, now: float) -> float | None:
         return self.timing.lag(now)
+
+
+@dataclass(frozen=True)
+class AnswerStart:
+    """First event of an answer: the prompt it is read from (the stream's cached context and
+    the question's own tokens), for OpenAI's ``usage``."""
+
+    context_tokens: int
+    question_tokens: int
+
+
+@dataclass(frozen=True)
+class AnswerEnd:
+    """Last event of an answer: tokens generated and why it stopped ("stop" or "length")."""
+
+    completion_tokens: int
+    finish_reason: str

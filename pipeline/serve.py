@@ -35,6 +35,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from pipeline.gate import ApiGate, GateSettings, parse_keys
+from pipeline.messages import AnswerEnd, AnswerStart
 from pipeline.api_models import (
     AskRequest, AskResponse, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
     ChoiceMessage, ChunkChoice, CreateStreamRequest, DeleteResponse, Delta, ErrorResponse,
@@ -172,6 +173,29 @@ def _sse(data: Any, event: str | None = None) -> str:
     return f"{head}data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
+class _Answer:
+    """An answer on its way from the engine: ``start`` (AnswerStart: the prompt's size), then
+    ``pieces()`` (text, never half a character), then ``end`` (AnswerEnd) once they are read."""
+
+    def __init__(self, start: AnswerStart, gen: Any) -> None:
+        self.start, self._gen = start, gen
+        self.end = AnswerEnd(0, "stop")
+
+    async def pieces(self) -> AsyncIterator[str]:
+        async for ref in self._gen:
+            event = await ref
+            if isinstance(event, AnswerEnd):
+                self.end = event
+            elif isinstance(event, str):
+                yield event
+
+    def usage(self) -> Usage:
+        prompt = self.start.context_tokens + self.start.question_tokens
+        return Usage(prompt_tokens=prompt, completion_tokens=self.end.completion_tokens,
+                     total_tokens=prompt + self.end.completion_tokens,
+                     prompt_tokens_details={"cached_tokens": self.start.context_tokens})
+
+
 # --- the deployment ----------------------------------------------------------------------------
 
 def _service_config(config: Any) -> Any:
@@ -240,27 +264,19 @@ class OmniZipAPI:
         raise ApiError(400, f"{len(named)} streams are named {ref!r}; use one's id: "
                        f"{sorted(s['id'] for s in named)}", param="model")
 
-    async def _answer(self, stream_id: str, question: str, max_tokens: int, owner: str) -> AsyncIterator[str]:
-        """The engine's answer, piece by piece. The first piece is awaited before this returns,
-        so an unknown stream is a 404 and not a broken event stream."""
-        gen = self._service.ask.options(num_returns="streaming").remote(stream_id, question, max_tokens,
-                                                                         owner=owner)
+    async def _answer(self, stream_id: str, question: str | None, max_tokens: int, owner: str,
+                      messages: list[dict] | None = None) -> "_Answer":
+        """The engine's answer: its first event (the prompt's size) is awaited before this
+        returns, so an unknown stream is a 404 and not a broken event stream."""
+        gen = self._service.ask_events.options(num_returns="streaming").remote(
+            stream_id, question, max_tokens, owner=owner, messages=messages)
         try:
-            first = await gen.__anext__()
-            first_piece = await first
+            start = await (await gen.__anext__())
         except StopAsyncIteration:
-            first_piece = None
+            raise ApiError(500, "the engine ended the answer before it began", "internal_error") from None
         except Exception as e:
             raise _to_api_error(e, stream_id) from e
-
-        async def pieces() -> AsyncIterator[str]:
-            if first_piece is None:
-                return
-            yield first_piece
-            async for ref in gen:
-                yield await ref
-
-        return pieces()
+        return _Answer(start, gen)
 
     # -- routes ---------------------------------------------------------------------------------
     @fastapi_app.get("/healthz", summary="Liveness of the HTTP app and the engine")
@@ -296,29 +312,28 @@ class OmniZipAPI:
     async def ask(self, stream_id: str, body: AskRequest, request: Request) -> Any:
         owner = _tenant(request)
         status = await self._call("get_stream", stream_id, stream_id=stream_id, owner=owner)
-        pieces = await self._answer(stream_id, body.question, body.max_tokens, owner)
+        answer = await self._answer(stream_id, body.question, body.max_tokens, owner)
 
-        def summary(answer: str, n: int) -> AskResponse:
-            return AskResponse(stream_id=stream_id, question=body.question, answer=answer,
-                               completion_tokens=n,
-                               finish_reason="length" if n >= body.max_tokens else "stop",
-                               context_tokens=int(status.get("context_tokens", 0)),
+        def summary(text: str) -> AskResponse:
+            return AskResponse(stream_id=stream_id, question=body.question, answer=text,
+                               completion_tokens=answer.end.completion_tokens,
+                               finish_reason=answer.end.finish_reason,
+                               context_tokens=answer.start.context_tokens,
                                windows=int(status.get("windows", 0)))
 
         if not body.stream:
-            parts = [p async for p in pieces]
-            return summary("".join(parts), len(parts))
+            return summary("".join([p async for p in answer.pieces()]))
 
         async def events() -> AsyncIterator[str]:
             parts: list[str] = []
             try:
-                async for p in pieces:
+                async for p in answer.pieces():
                     parts.append(p)
                     yield _sse({"text": p}, "token")
             except Exception as e:  # headers are sent: report in-band
                 yield _sse(_to_api_error(e, stream_id).body(), "error")
                 return
-            yield _sse(summary("".join(parts), len(parts)).model_dump(), "done")
+            yield _sse(summary("".join(parts)).model_dump(), "done")
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
 
@@ -327,26 +342,18 @@ class OmniZipAPI:
         owner = _tenant(request)
         stream = await self._resolve(body.model, owner)
         sid, max_tokens = stream["id"], body.answer_budget()
-        # The prompt is the stream's compressed context plus the question; the engine reports the
-        # former, the question's own tokens are not counted (the tokenizer lives in the engine).
-        prompt_tokens = int(stream.get("context_tokens", 0))
-        pieces = await self._answer(sid, body.question(), max_tokens, owner)
+        # The conversation (system messages and earlier turns) is folded into the question by the
+        # model's own rules; usage counts the stream's cached context plus that question.
+        answer = await self._answer(sid, None, max_tokens, owner,
+                                    messages=[m.model_dump(exclude_none=True) for m in body.messages])
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-        def usage(n: int) -> Usage:
-            return Usage(prompt_tokens=prompt_tokens, completion_tokens=n,
-                         total_tokens=prompt_tokens + n)
-
-        def finish(n: int) -> str:
-            return "length" if n >= max_tokens else "stop"
-
         if not body.stream:
-            parts = [p async for p in pieces]
+            text = "".join([p async for p in answer.pieces()])
             return ChatCompletion(
                 id=cid, created=created, model=body.model,
-                choices=[Choice(message=ChoiceMessage(content="".join(parts)),
-                                finish_reason=finish(len(parts)))],
-                usage=usage(len(parts))).model_dump()
+                choices=[Choice(message=ChoiceMessage(content=text), finish_reason=answer.end.finish_reason)],
+                usage=answer.usage()).model_dump()
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -357,19 +364,17 @@ class OmniZipAPI:
             return _sse(c.model_dump_json(exclude_none=False))
 
         async def events() -> AsyncIterator[str]:
-            n = 0
             yield chunk(Delta(role="assistant", content=""))
             try:
-                async for p in pieces:
-                    n += 1
+                async for p in answer.pieces():
                     yield chunk(Delta(content=p))
             except Exception as e:
                 yield _sse(_to_api_error(e, sid).body())
                 yield _sse("[DONE]")
                 return
-            yield chunk(Delta(), finish(n))
+            yield chunk(Delta(), answer.end.finish_reason)
             if include_usage:
-                yield chunk(Delta(), use=usage(n), choices=False)
+                yield chunk(Delta(), use=answer.usage(), choices=False)
             yield _sse("[DONE]")
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)

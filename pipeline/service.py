@@ -175,12 +175,13 @@ class StreamService:
         get_metrics().forget_stream(stream_id)
         return True
 
-    async def ask(self, stream_id: str, question: str, max_tokens: int = 64,
-                  owner: str | None = None) -> AsyncIterator[str]:
-        """Text pieces of the answer. At most ``max_questions_per_stream`` questions are answered
-        or waiting on one stream; more get LimitExceeded, so a short question never queues
-        behind an unbounded line of long answers."""
-        if not isinstance(question, str) or not question.strip():
+    async def ask_events(self, stream_id: str, question: str | None = None, max_tokens: int = 64,
+                         owner: str | None = None, messages: list[dict] | None = None) -> AsyncIterator[Any]:
+        """An answer as events (pipeline.messages.AnswerStart, text pieces, AnswerEnd) to
+        ``question`` or to a chat's ``messages``. At most ``max_questions_per_stream`` questions
+        are answered or waiting on one stream; more get LimitExceeded, so a short question never
+        queues behind an unbounded line of long answers."""
+        if messages is None and (not isinstance(question, str) or not question.strip()):
             raise ValueError("question: must be a non-empty string")
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= 4096:
             raise ValueError(f"max_tokens: must be an integer in [1, 4096], got {max_tokens!r}")
@@ -190,7 +191,8 @@ class StreamService:
                                 "this stream; try again when one is done", "question", 2)
         self._asking[stream_id] = self._asking.get(stream_id, 0) + 1
         try:
-            gen = self._decoder(rec).ask.options(num_returns="streaming").remote(stream_id, question, max_tokens)
+            gen = self._decoder(rec).ask.options(num_returns="streaming").remote(
+                stream_id, question if messages is None else None, max_tokens, messages)
             async for ref in gen:
                 yield await ref
         finally:
@@ -199,6 +201,13 @@ class StreamService:
                 self._asking[stream_id] = left
             else:
                 self._asking.pop(stream_id, None)
+
+    async def ask(self, stream_id: str, question: str, max_tokens: int = 64,
+                  owner: str | None = None) -> AsyncIterator[str]:
+        """The answer's text pieces only (the CLI's view of ``ask_events``)."""
+        async for event in self.ask_events(stream_id, question, max_tokens, owner):
+            if isinstance(event, str):
+                yield event
 
     async def health(self) -> dict:
         names = [self.names.encoder(i) for i in range(len(self.workers))] + \

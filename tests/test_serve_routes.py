@@ -187,10 +187,16 @@ def test_openai_models(oai: openai.OpenAI, ended: dict[str, Any]) -> None:
 
 
 def test_openai_chat(api: Api, oai: openai.OpenAI, ended: dict[str, Any]) -> None:
-    q = [{"role": "system", "content": "ignored"}, {"role": "user", "content": "earlier"},
+    from omnizip.models import fold_messages
+
+    q = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "earlier"},
          {"role": "assistant", "content": "ok"}, {"role": "user", "content": "What is on screen?"}]
+    # the system message and the earlier turns are folded into the question, as the model's own
+    # rules fold them: the same prompt through /ask gives the same greedy answer
     ref = api.post(f"/v1/streams/{ended['id']}/ask",
-                   json={"question": "What is on screen?", "max_tokens": 5}).json()
+                   json={"question": fold_messages(q), "max_tokens": 5}).json()
+    last_only = api.post(f"/v1/streams/{ended['id']}/ask",
+                         json={"question": "What is on screen?", "max_tokens": 5}).json()
     for model in (ended["id"], "clip"):
         c = oai.chat.completions.create(model=model, messages=q, max_tokens=5)
         assert c.object == "chat.completion" and c.model == model
@@ -198,8 +204,13 @@ def test_openai_chat(api: Api, oai: openai.OpenAI, ended: dict[str, Any]) -> Non
         assert c.choices[0].message.content == ref["answer"]
         assert c.choices[0].finish_reason == ref["finish_reason"]
         assert c.usage.completion_tokens == ref["completion_tokens"]
-        assert c.usage.prompt_tokens == ended["context_tokens"]
+        # prompt = the cached context + the folded question's own tokens
+        assert c.usage.prompt_tokens_details.cached_tokens == ended["context_tokens"] == ref["context_tokens"]
+        assert c.usage.prompt_tokens > ended["context_tokens"]
         assert c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens
+    short = oai.chat.completions.create(model="clip", messages=q[-1:], max_tokens=5)
+    assert short.choices[0].message.content == last_only["answer"]
+    assert short.usage.prompt_tokens < c.usage.prompt_tokens  # the longer conversation counts
 
 
 def test_openai_chat_streaming(api: Api, oai: openai.OpenAI, ended: dict[str, Any]) -> None:
@@ -227,3 +238,42 @@ def test_openai_chat_streaming(api: Api, oai: openai.OpenAI, ended: dict[str, An
 def test_chat_refused_fields_via_openai(oai: openai.OpenAI, ended: dict[str, Any]) -> None:
     with pytest.raises(openai.UnprocessableEntityError, match="messages"):
         oai.chat.completions.create(model="clip", messages=[{"role": "system", "content": "x"}])
+
+
+@pytest.mark.parametrize("question", ["café, naïve, Zürich?", "日本語で説明して", "🎥🔊 what now? 👀", "plain"])
+def test_answers_are_whole_characters_over_sse_and_openai(api: Api, oai: openai.OpenAI, ended: dict[str, Any],
+                                                          serve_api: dict, question: str) -> None:
+    """The answer's pieces, streamed or not, join to exactly the full decode of the tokens the
+    same model generates from the same context (rebuilt here from the stored windows: the
+    presets are deterministic), so no piece ever splits a multi-byte character."""
+    from omnizip.models import CompressedWindow, load_model
+    from omnizip.models.rolling import RollingContext
+    from pipeline.store import open_store
+
+    n = 48
+    with open_store(str(serve_api["redis_url"])) as store:
+        windows = [CompressedWindow.from_bytes(w.payload) for w in store.windows(ended["id"])]
+    model = load_model("tiny", "cpu", None)
+    ctx = RollingContext(model, budget_tokens=int(ended["settings"]["context_tokens"]))
+    ctx.rebuild(windows)
+    ids = []
+    for tok in ctx.answer(question, n):
+        if tok in model.stop_ids:
+            break
+        ids.append(tok)
+    full = model.processor.decode(ids, skip_special_tokens=True)
+
+    events = api.ask_sse(ended["id"], question, max_tokens=n)
+    text, done = sse_answer(events)
+    assert text == full and done["answer"] == full
+    assert api.post(f"/v1/streams/{ended['id']}/ask", json={"question": question, "max_tokens": n}).json()["answer"] == full
+    chunks = list(oai.chat.completions.create(model=ended["id"], messages=[{"role": "user", "content": question}],
+                                              max_tokens=n, stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == full
+    assert oai.chat.completions.create(model=ended["id"], messages=[{"role": "user", "content": question}],
+                                       max_tokens=n).choices[0].message.content == full
+    # and no piece is half a character: each encodes to whole UTF-8 and none is a lone replacement
+    # that the full text does not have at that place
+    pieces = [e.json()["text"] for e in events[:-1]]
+    assert all(p.encode("utf-8").decode("utf-8") == p for p in pieces)
+    assert "".join(pieces).count("\ufffd") == full.count("\ufffd")
