@@ -20,6 +20,7 @@ from typing import Any
 
 import ray
 
+from pipeline import window_viz
 from pipeline.config import ServiceConfig
 from pipeline.messages import CompressedItem, RawWindow, Timing
 from pipeline.metrics import get_metrics
@@ -42,6 +43,7 @@ class _Pending:
 
     enc: Any  # omnizip.models.EncodedWindow
     timing: Timing
+    raw: Any = None  # pipeline.window_viz.RawSide: what its picture needs of the raw window
 
 
 @dataclass
@@ -199,7 +201,7 @@ class EncoderWorker:
     def _compress(self, item: RawWindow, st: _Stream, enc: Any, harder: bool) -> None:
         t = time.perf_counter()
         outs = st.method.push(enc.audio, enc.audio_scores, enc.video, harder=harder)
-        st.pending.append(_Pending(enc, item.timing))
+        st.pending.append(_Pending(enc, item.timing, window_viz.raw_side(item.window, int(enc.video.shape[0]))))
         if item.window.final:
             outs += st.method.flush()
         st.stats.last_pushed = item.index
@@ -234,15 +236,16 @@ class EncoderWorker:
             st.stats.harder += int(o.harder)
             self.metrics.record_window(sid, {"audio": cw.audio_in, "video": cw.video_in},
                                        {"audio": cw.audio_kept, "video": cw.video_kept})
-            done.append((cw, p.timing, bool(o.harder)))
+            extra = window_viz.store_viz(self.store, sid, p.enc, o, p.raw, p.timing)  # its picture; flags
+            done.append((cw, p.timing, bool(o.harder), extra))
         state = encode(self._state(sid, st))  # after these windows: travels with their store write
         if not done:
             if pushed is not None:
                 self.store.save_state(sid, pushed, state)
             return
-        for k, (cw, timing, harder) in enumerate(done):
+        for k, (cw, timing, harder, extra) in enumerate(done):
             fields = {"audio_in": cw.audio_in, "audio_kept": cw.audio_kept, "video_in": cw.video_in,
-                      "video_kept": cw.video_kept, "harder": harder, "t0": timing.t0}
+                      "video_kept": cw.video_kept, "harder": harder, "t0": timing.t0, **extra}
             payload = cw.to_bytes()
             self._store_window(sid, cw.index, payload, timing, fields, state if k == len(done) - 1 else None)
             st.stats.last_stored = cw.index

@@ -26,7 +26,9 @@ from typing import Any
 
 __all__ = ["ApiGate", "GateSettings", "TokenBucket", "parse_keys", "tenant_of", "OPEN_PATHS"]
 
-OPEN_PATHS = frozenset({"/healthz"})  # the only route served without a key
+# served without a key: the health check and the web console's static files (exact paths,
+# pipeline.serve_console.CONSOLE_FILES); the console's own API calls carry the key
+OPEN_PATHS = frozenset({"/healthz", "/", "/console/console.js", "/console/console.css"})
 
 
 def tenant_of(key: str) -> str:

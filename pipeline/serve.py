@@ -10,6 +10,7 @@ Routes (README "HTTP API"):
   POST   /v1/chat/completions        OpenAI-compatible; `model` = stream id or name
   GET    /v1/models[/{id}]           the streams, as OpenAI models
   GET    /healthz                    200 when the engine answers and says it is ok, else 503
+  + per-window data and pictures, the source probe and the web console: pipeline.serve_console
 
 The replica holds no model and no stream: it validates, forwards to the engine actor and turns
 its answers into JSON or Server-Sent Events, so it stays light (a tenth of a CPU) and any number
@@ -35,6 +36,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from pipeline.gate import ApiGate, GateSettings, parse_keys
+from pipeline.serve_console import ConsoleRoutes, install as install_console
 from pipeline.messages import AnswerEnd, AnswerStart
 from pipeline.api_models import (
     AskRequest, AskResponse, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
@@ -64,6 +66,7 @@ class _GateState:
 
 
 fastapi_app.add_middleware(ApiGate, settings_source=lambda: _GateState.settings)
+install_console(fastapi_app)  # per-window data and pictures, source probe, the web console at /
 
 
 def gate_settings(given: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> GateSettings:
@@ -216,7 +219,7 @@ def _service_config(config: Any) -> Any:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=100)
 @serve.ingress(fastapi_app)
-class OmniZipAPI:
+class OmniZipAPI(ConsoleRoutes):
     """One replica: validates requests and forwards them to the engine actor."""
 
     def __init__(self, config: Mapping[str, Any] | None = None, gate: Mapping[str, Any] | None = None) -> None:

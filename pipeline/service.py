@@ -219,12 +219,38 @@ class StreamService:
         return {"ok": bool(store_ok) and all(w.get("ok") for w in workers.values()), "streams": n,
                 "workers": workers, "store": "redis" if self.cfg.redis_url else "memory"}
 
-    async def windows(self, stream_id: str, start: int = 0, owner: str | None = None) -> list[dict]:
-        """The stored windows' metadata from index `start` (no payloads): index, media start/end,
-        tokens in/kept per modality, whether it was compressed harder."""
+    async def windows(self, stream_id: str, start: int = 0, owner: str | None = None,
+                      limit: int | None = None) -> list[dict]:
+        """The stored windows' metadata from index `start` (no payloads), at most `limit` of
+        them (None: all): index, media start/end, tokens in/kept per modality, video ratio,
+        whether it was compressed harder, gap flags. A negative `start` counts back from the
+        newest window (-10: the last 10 indices)."""
         await self._record(stream_id, owner)
-        ws = await self._io(self.store.windows, stream_id, start)
+        if start < 0:
+            last = await self._io(self.store.last_window_index, stream_id)
+            start = 0 if last is None else max(0, last + 1 + start)
+        if limit is None:
+            ws = await self._io(self.store.windows, stream_id, start)
+        else:
+            ws = await self._io(self.store.window_page, stream_id, start, limit)
         return [{"index": w.index, "start": w.media_start, "end": w.media_end, **w.fields} for w in ws]
+
+    async def window_viz(self, stream_id: str, index: int, owner: str | None = None) -> bytes | None:
+        """The picture record of window `index` (pipeline.window_viz), None when it has none
+        (never stored, or older than what the store keeps)."""
+        from pipeline.window_viz import VIZ_KIND
+
+        await self._record(stream_id, owner)
+        return await self._io(self.store.get_blob, stream_id, int(index), VIZ_KIND)
+
+    async def probe_source(self, source: str, options: Mapping[str, Any] | None = None,
+                           owner: str | None = None) -> dict:
+        """Open `source` under this engine's source policy, report what it carries within 5 s
+        (pipeline.probe), register nothing. SourceRefused / UnsupportedSourceError as create."""
+        from pipeline.probe import probe_source
+
+        return await asyncio.to_thread(probe_source, source, options, self.policy)
+
 
     async def window_latencies(self, stream_id: str, owner: str | None = None) -> list[float]:
         """Per-window end-to-end latencies of a live stream (window end -> in the decoder's context)."""
