@@ -45,6 +45,7 @@ class _Stream:
     timing: Timing = Timing(0.0, 0.0, None)  # of the newest window in context
     lag_at_append: float = 0.0
     skipped: set = field(default_factory=set)  # dropped here: not to be read back from the store
+    saved_drops: dict = field(default_factory=dict)  # the drop counts last written to the record
     latencies: deque = field(default_factory=lambda: deque(maxlen=2048))
 
 
@@ -96,6 +97,8 @@ class DecoderActor:
                 self.metrics.reconnect("actor", sid)
             with self.cond:
                 self.queues.open(sid, st.last)
+                self.queues.restore_drops(sid, rec.extra.get("decoder_drops") or {})
+            st.saved_drops = self.queues.drops(sid)
             self.metrics.set_context_tokens(sid, ctx.n_tokens)
             self.streams[sid] = st
             return st
@@ -150,6 +153,19 @@ class DecoderActor:
                 finally:
                     with self.cond:
                         self.queues.finish(item.stream_id)
+            self._save_drops()
+
+    def _save_drops(self) -> None:
+        """Drop counts go to the stream's record, so a restarted decoder continues them."""
+        for sid, st in list(self.streams.items()):
+            with self.cond:
+                drops = self.queues.drops(sid)
+            if drops != st.saved_drops:
+                try:
+                    self.store.update_stream(sid, {"decoder_drops": drops})
+                    st.saved_drops = drops
+                except Exception:  # a deleted stream, or the store away: tried again next time
+                    pass
 
     def _append(self, sid: str, st: _Stream, item: CompressedItem) -> None:
         from omnizip.models import CompressedWindow

@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,19 +23,20 @@ import ray
 
 from pipeline import window_viz
 from pipeline.config import ServiceConfig
-from pipeline.messages import CompressedItem, RawWindow, Timing
+from pipeline.messages import CompressedItem, RawWindow, SubmitReply, Timing
 from pipeline.metrics import get_metrics
 from pipeline.queues import Added, StreamQueues, Taken
 from pipeline.records import StreamRecord
 from pipeline.runtime import StoreRef, use_threads
 from pipeline.stats import EncoderStats, TokenCounts
 from pipeline.store import StreamNotFound
+from pipeline.store_writer import PendingWrite, StoreWriter
 
 __all__ = ["EncoderWorker"]
 
 log = logging.getLogger(__name__)
 
-STORE_RETRY_S = 120.0  # a store outage shorter than this is waited out
+STORE_BUFFER_WINDOWS = 32  # per stream, waiting for the store: over a minute of windows
 
 
 @dataclass
@@ -77,28 +79,41 @@ class EncoderWorker:
         self.streams: dict[str, _Stream] = {}
         self.cond = threading.Condition()
         self.batches = 0
+        self.incarnation = uuid.uuid4().hex  # a restarted worker is another incarnation
+        self.writer = StoreWriter(self.store, STORE_BUFFER_WINDOWS, self._on_durable, self._on_unstored,
+                                  lambda sid: self.metrics.reconnect("redis", sid))
         threading.Thread(target=self._loop, name=f"{name}-loop", daemon=True).start()
 
     # -- intake --
-    @ray.method(concurrency_group="intake", max_task_retries=-1)
-    def submit(self, item: RawWindow) -> Added:
-        """Queue a window under the stream's queue policy (pipeline.queues). A backpressure
-        stream is also told FULL while its decoder holds a full queue of its windows, so a slow
-        decoder holds back the file instead of queueing without bound."""
+    @ray.method(concurrency_group="intake", max_task_retries=0)
+    def submit(self, item: RawWindow, expect: str | None = None) -> SubmitReply:
+        """Queue a window under the stream's queue policy (pipeline.queues). ``expect``: the
+        incarnation the producer last spoke to; another one (this worker restarted) answers
+        RESTARTED without queueing, so the producer resends, in order, what was not durable.
+        Not retried by Ray: a producer must learn that its worker died. A backpressure stream
+        is also told FULL while its decoder holds a full queue of its windows, so a slow decoder
+        holds back the file instead of queueing without bound."""
         if item.backpressure and self._decoder_full(item.stream_id):
-            return Added.FULL
+            return self._reply(item.stream_id, Added.FULL)
         with self.cond:
             st = self._stream(item.stream_id)
             if st is None:
-                return Added.UNKNOWN
-            if st.restored:  # windows queued in the worker that died: never compressed, counted here
+                return SubmitReply(Added.UNKNOWN, self.incarnation, -1)
+            if expect is not None and expect != self.incarnation:
+                return self._reply(item.stream_id, SubmitReply.RESTARTED)
+            if st.restored:  # windows the producer could not resend: never compressed, counted here
                 st.restored = False
                 for lost in range(self.queues.high_water(item.stream_id) + 1, item.index):
                     self.queues.drop(item.stream_id, lost, "error")
             added = self.queues.add(item)
             self._gauge()
             self.cond.notify()
-        return added
+        return self._reply(item.stream_id, added)
+
+    def _reply(self, sid: str, added: str) -> SubmitReply:
+        st = self.streams.get(sid)
+        return SubmitReply(str(getattr(added, "value", added)), self.incarnation,
+                           st.stats.durable if st is not None else -1)
 
     def _decoder_full(self, sid: str) -> bool:
         st = self.streams.get(sid)
@@ -144,7 +159,9 @@ class EncoderWorker:
             state = decode(saved.data)
             st.method.load_state_dict(state["compressor"])
             st.pending = [_Pending(EncodedWindow(**p["enc"]), Timing(**p["timing"])) for p in state["pending"]]
-            done_through = st.stats.last_pushed = int(state["last_pushed"])
+            done_through = st.stats.last_pushed = st.stats.durable = int(state["last_pushed"])
+            last = self.store.last_window_index(sid)
+            st.stats.last_stored = -1 if last is None else int(last)
             st.stats.harder = int(state["harder"])
             st.stats.tokens = TokenCounts(**state["tokens"])
             st.restored = True
@@ -241,15 +258,28 @@ class EncoderWorker:
         state = encode(self._state(sid, st))  # after these windows: travels with their store write
         if not done:
             if pushed is not None:
-                self.store.save_state(sid, pushed, state)
+                self.writer.write(PendingWrite(sid, pushed, None, state=state, covers=pushed))
             return
         for k, (cw, timing, harder, extra) in enumerate(done):
             fields = {"audio_in": cw.audio_in, "audio_kept": cw.audio_kept, "video_in": cw.video_in,
                       "video_kept": cw.video_kept, "harder": harder, "t0": timing.t0, **extra}
             payload = cw.to_bytes()
-            self._store_window(sid, cw.index, payload, timing, fields, state if k == len(done) - 1 else None)
+            last = k == len(done) - 1  # the state written with it covers every window pushed so far
+            self.writer.write(PendingWrite(sid, cw.index, payload, timing.start, timing.end, fields,
+                                           state if last else None, st.stats.last_pushed if last else None))
             st.stats.last_stored = cw.index
             self.decoders[st.decoder].push.remote(CompressedItem(sid, cw.index, timing, payload, st.backpressure))
+
+    def _on_durable(self, sid: str, covers: int) -> None:
+        with self.cond:
+            st = self.streams.get(sid)
+            if st is not None:
+                st.stats.durable = max(st.stats.durable, covers)
+
+    def _on_unstored(self, sid: str, index: int) -> None:
+        log.error("%s: stream %s window %d dropped from the store buffer (store away too long)", self.name, sid, index)
+        with self.cond:
+            self.queues.drop(sid, index, "unstored")
 
     def _state(self, sid: str, st: _Stream) -> dict:
         return {"compressor": st.method.state_dict(), "last_pushed": st.stats.last_pushed, "harder": st.stats.harder,
@@ -257,33 +287,13 @@ class EncoderWorker:
                 "pending": [{"enc": {f.name: getattr(p.enc, f.name) for f in dataclasses.fields(p.enc)},
                              "timing": dataclasses.asdict(p.timing)} for p in st.pending]}
 
-    def _store_window(self, sid: str, index: int, payload: bytes, timing: Timing, fields: dict,
-                      state: bytes | None) -> None:
-        """Append to the store; a store outage longer than the client's own retries is waited out."""
-        deadline = time.monotonic() + STORE_RETRY_S
-        failed = False
-        while True:
-            try:
-                self.store.append_window(sid, index, payload, media_start=timing.start, media_end=timing.end,
-                                         fields=fields, state=state)
-                if failed:
-                    self.metrics.reconnect("redis", sid)
-                return
-            except (StreamNotFound, ValueError, TypeError):
-                raise
-            except Exception as exc:
-                if time.monotonic() > deadline or self.queues.was_forgotten(sid):
-                    raise
-                failed = True
-                log.warning("%s: store append failed (%s); retrying", self.name, exc)
-                time.sleep(0.5)
-
     def _gauge(self) -> None:
         self.metrics.set_queue_depth(f"encoder:{self.name}", self.queues.depth())
 
     # -- control --
     def forget(self, stream_id: str) -> bool:
         """Drop everything of a deleted stream (queue, compressor)."""
+        self.writer.forget(stream_id)
         with self.cond:
             self.queues.forget(stream_id)
             return self.streams.pop(stream_id, None) is not None
@@ -294,6 +304,7 @@ class EncoderWorker:
             if st is None:
                 return EncoderStats()
             return dataclasses.replace(st.stats, known=True, queue=self.queues.depth(stream_id),
+                                       unwritten=self.writer.waiting(stream_id),
                                        busy=self.queues.in_flight(stream_id), ending=st.ending,
                                        tokens=dataclasses.replace(st.stats.tokens), drops=self.queues.drops(stream_id))
 

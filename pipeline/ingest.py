@@ -1,64 +1,100 @@
-"""The ingest actor: one per stream, the producer of the engine's pipeline.
+"""The ingest actor: one per stream, the producer of the engine's pipeline, supervised by Ray.
 
 It reads the stream's source into 2-s AVWindows (PyAV, pipeline.windows) on a thread and hands
 each to the stream's encoder worker as a RawWindow, waiting while a backpressure stream's queue
 is full. The stream's status lives here while the source runs: starting -> live (-> reconnecting
--> live) -> ended | failed; the final figures go into the stream's record when it is done.
-No torch import: ingestion stays light.
+-> live) -> ended | failed; its progress is written to the stream's record with every window.
+
+No accepted window is lost to a crash:
+- this actor restarts on death (Ray re-runs ``__init__``): it reloads its progress from the
+  record and resumes a finite source at the first window not yet durable in the store
+  (decoded but not resent, unpaced), a live source by reconnecting, its windows numbered on from
+  where the stream was and the first one flagged as a discontinuity;
+- it keeps every window it sent until the encoder reports it durable (stored, or held in the
+  stored method state); when the encoder is a new incarnation (it restarted), those windows are
+  resent in order before anything new.
+A stream is ``failed`` only when its source fails by its own reconnect policy. No torch import.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
+from collections import deque
 from typing import Any
 
 import ray
 
-from pipeline.messages import RawWindow
+from pipeline.messages import RawWindow, SubmitReply
 from pipeline.metrics import get_metrics
 from pipeline.queues import Added
 from pipeline.records import StreamRecord
 from pipeline.runtime import StoreRef
 from pipeline.stats import IngestStats
-from pipeline.store import StreamNotFound
 
 __all__ = ["IngestActor"]
 
 log = logging.getLogger(__name__)
 
 SILENT_S = 6.0  # a live source silent for three windows is being reconnected
+WORKER_WAIT_S = 120.0  # how long a window waits for a restarting encoder before it is counted lost
 
 
 class IngestActor:
     """Reads one source into AVWindows and submits each to the stream's encoder worker."""
 
-    def __init__(self, record: StreamRecord, worker: Any, store: StoreRef, policy: Any = None) -> None:
-        self.rec = record
-        self.policy = policy  # pipeline.source_policy.SourcePolicy: checked on open and every reconnect
+    def __init__(self, record: StreamRecord, worker: Any, store: StoreRef, policy: Any = None,
+                 retain: int = 32) -> None:
         self.sid = record.id
         self.worker = worker
         self.store = store.connect()
+        self.policy = policy  # pipeline.source_policy.SourcePolicy: checked on open and every reconnect
         self.metrics = get_metrics()
-        self.st = IngestStats()
+        self.rec = self._latest(record)
+        self.st = IngestStats.from_dict(self.rec.extra.get("progress"))  # a restarted actor continues
+        self.st.status, self.st.done = ("starting" if self.st.windows_total == 0 else "reconnecting"), False
+        self.resume_at = self._durable_through() + 1
+        self.retained: deque[RawWindow] = deque(maxlen=max(4, int(retain)))
+        self.incarnation: str | None = None
         self.last_arrival: float | None = None
+        self._session_reconnects = 0  # reconnects of this actor's own Source (the record holds the total)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"ingest-{self.sid}", daemon=True)
         self._thread.start()
 
+    def _latest(self, record: StreamRecord) -> StreamRecord:
+        try:
+            return StreamRecord.from_dict(self.store.get_stream(self.sid))
+        except Exception:  # the store is away: the record we were started with
+            return record
+
+    def _durable_through(self) -> int:
+        """Newest window index already in the store (window or compressor state), -1 if none."""
+        try:
+            last = self.store.last_window_index(self.sid)
+            state = self.store.load_state(self.sid)
+        except Exception:
+            return -1
+        return max(-1 if last is None else int(last), -1 if state is None else int(state.index))
+
+    # -- status --
     def _set_status(self, status: str, error: str | None = None) -> None:
         self.st.status, self.st.error = status, error
-        changes: dict[str, Any] = {"status": status, "error": error}
+        changes: dict[str, Any] = {"status": status, "error": error, "progress": self.st.to_dict()}
         if status in ("ended", "failed"):  # the record keeps the final figures once this actor is gone
             changes["ingest"] = {**self.st.to_dict(), "done": True}
+        self._record(changes)
+
+    def _record(self, changes: dict[str, Any]) -> None:
         try:
             self.store.update_stream(self.sid, changes)
-        except StreamNotFound:
-            self._stop.set()
-        except Exception:  # the status in the store is informative; never fail ingestion for it
-            log.exception("stream %s: could not record status %s", self.sid, status)
+        except Exception:  # the store away or emptied (the service writes the registry back); a
+            # deleted stream's actor is stopped by the service. Informative only: never fail for it.
+            log.warning("stream %s: could not record its progress", self.sid)
 
+    # -- the source --
     def _run(self) -> None:
         from pipeline.sources import Source
         from pipeline.windows import iter_windows
@@ -66,21 +102,29 @@ class IngestActor:
         rec = self.rec
         try:
             src = Source(rec.source, rec.options, policy=self.policy)
+            src.open()
             self.st.live = bool(src.live or rec.realtime)
-            it = iter_windows(src, realtime=rec.realtime, size=rec.size)
+            resumed = self.resume_at > 0
+            # a finite source fast-forwards to where the stream was; a live one starts afresh and
+            # its windows are numbered on from there
+            skip = self.resume_at if (resumed and not src.live) else 0
+            shift = self.resume_at if (resumed and src.live) else 0
             prev = time.time()
-            for w in it:
-                now = time.time()
+            for w in iter_windows(src, realtime=rec.realtime, size=rec.size, skip_windows=skip):
                 if self._stop.is_set():
                     break
+                if shift:
+                    w = _shifted(w, shift, first=w.index == 0)
+                now = time.time()
                 self._observe(w, now, prev)
                 if self.st.status != "live":
-                    self._set_status("live")
+                    self.st.status = "live"
+                self._record({"status": "live", "error": None, "progress": self.st.to_dict()})
                 self._submit(RawWindow(self.sid, w, self.st.t0, now, rec.backpressure))
                 prev = time.time()
             src.close()
             if not self._stop.is_set():
-                ray.get(self.worker.finish.remote(self.sid), timeout=120)
+                ray.get(self.worker.finish.remote(self.sid), timeout=WORKER_WAIT_S)
                 self._set_status("ended")
         except Exception as exc:  # a failing stream never takes another down: it reports and stops
             log.warning("stream %s failed: %s", self.sid, exc)
@@ -92,29 +136,63 @@ class IngestActor:
         """Advance the live clock and the counters with one window."""
         st = self.st
         if st.live:
-            st.t0 = now - w.end if st.t0 is None else min(st.t0, now - w.end)
+            t0 = now - w.end
+            st.t0 = t0 if st.t0 is None else min(st.t0, t0)
             self.metrics.observe_stage("decode", max(0.0, now - (st.t0 + w.end)))
         else:
             self.metrics.observe_stage("decode", max(0.0, now - prev))
-        for _ in range(w.reconnects - st.reconnects):
+        new_reconnects = w.reconnects - self._session_reconnects
+        for _ in range(max(0, new_reconnects)):
             self.metrics.reconnect("source", self.sid)
-        st.reconnects = max(st.reconnects, w.reconnects)
+        st.reconnects += max(0, new_reconnects)
+        self._session_reconnects = max(self._session_reconnects, w.reconnects)
         st.windows_total += 1
         st.media_s = w.end
         st.last_index = w.index
         self.last_arrival = now
 
+    # -- the hand-over --
     def _submit(self, item: RawWindow) -> None:
-        try:
-            while ray.get(self.worker.submit.remote(item), timeout=120) == Added.FULL and not self._stop.is_set():
-                time.sleep(0.05)  # backpressure: the worker's queue for this stream is full
-        except Exception as exc:  # the worker is gone for good: the window is lost, counted
-            log.warning("stream %s: window %d not accepted by its encoder worker: %s", self.sid, item.index, exc)
+        """Send one window; after an encoder restart, first resend what it had not made durable."""
+        self.retained.append(item)
+        reply = self._send(item)
+        while reply is not None and reply.added == SubmitReply.RESTARTED:
+            self.incarnation = reply.incarnation  # a new encoder: resend, in order, from its durable point
+            log.warning("stream %s: encoder restarted; resending windows after %d", self.sid, reply.durable_through)
+            for old in [w for w in self.retained if w.index > reply.durable_through]:
+                reply = self._send(old)
+                if reply is None or reply.added == SubmitReply.RESTARTED:
+                    break
+        if reply is None:  # the encoder did not come back in time: the window is lost, counted
             self.st.drops["error"] = self.st.drops.get("error", 0) + 1
             self.metrics.drop_window(self.sid, "error")
+            return
+        self.incarnation = reply.incarnation
+        while self.retained and self.retained[0].index <= reply.durable_through:
+            self.retained.popleft()
 
+    def _send(self, item: RawWindow) -> SubmitReply | None:
+        """One submit, waiting while the stream's queue is full (backpressure) or its encoder is
+        restarting; None if the encoder stays away longer than WORKER_WAIT_S."""
+        deadline = time.monotonic() + WORKER_WAIT_S
+        while not self._stop.is_set():
+            try:
+                reply = ray.get(self.worker.submit.remote(item, self.incarnation), timeout=60)
+            except Exception as exc:  # the encoder died: Ray restarts it; keep the window meanwhile
+                if time.monotonic() > deadline:
+                    log.warning("stream %s: window %d: encoder unavailable: %s", self.sid, item.index, exc)
+                    return None
+                time.sleep(0.5)
+                continue
+            if reply.added == Added.FULL:
+                time.sleep(0.05)
+                continue
+            return reply
+        return None
+
+    # -- queries --
     def stats(self) -> IngestStats:
-        st = IngestStats(**{**self.st.__dict__, "drops": dict(self.st.drops)})
+        st = dataclasses.replace(self.st, drops=dict(self.st.drops))
         if st.status == "live" and st.live and not st.done and self.last_arrival is not None \
                 and time.time() - self.last_arrival > SILENT_S:
             st.status = "reconnecting"
@@ -123,3 +201,12 @@ class IngestActor:
     def stop(self) -> bool:
         self._stop.set()
         return True
+
+
+def _shifted(w: Any, by: int, first: bool) -> Any:
+    """A live window renumbered ``by`` windows on (a restarted ingest continues the timeline);
+    the first one after the restart is flagged: the outage is a hole in the stream."""
+    span = w.end - w.start
+    return dataclasses.replace(w, index=w.index + by, start=w.start + by * span, end=w.end + by * span,
+                               frame_times=w.frame_times + by * span, frame_pts=w.frame_pts + by * span,
+                               discontinuity=w.discontinuity or first)

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["AnswerEnd", "AnswerStart", "CompressedItem", "RawWindow", "Timing", "lag_of"]
+__all__ = ["AnswerEnd", "AnswerStart", "CompressedItem", "RawWindow", "SubmitReply", "Timing", "lag_of"]
 
 
 def lag_of(t0: float | None, end: float, now: float | None = None) -> float | None:
@@ -87,3 +87,18 @@ class AnswerEnd:
 
     completion_tokens: int
     finish_reason: str
+
+
+@dataclass(frozen=True)
+class SubmitReply:
+    """The encoder's answer to a submitted window: what became of it (pipeline.queues.Added, or
+    "restarted" when the encoder is not the incarnation the producer last spoke to: nothing was
+    queued, the producer resends what was not durable yet), the encoder's incarnation, and the
+    newest index of the stream whose effects are durable in the store (stored, or held in the
+    stored method state)."""
+
+    added: str
+    incarnation: str
+    durable_through: int
+
+    RESTARTED = "restarted"

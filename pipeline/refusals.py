@@ -3,7 +3,7 @@ ValueError is a 400, a KeyError a 404): a name already taken (409) and a limit r
 
 from __future__ import annotations
 
-__all__ = ["LimitExceeded", "NameTaken"]
+__all__ = ["LimitExceeded", "NameTaken", "StoreUnavailable"]
 
 
 class NameTaken(ValueError):
@@ -19,3 +19,9 @@ class LimitExceeded(Exception):
         super().__init__(message)
         self.param = param
         self.retry_after_s = int(retry_after_s)
+
+
+class StoreUnavailable(Exception):
+    """The store (Redis) does not answer: the request can be retried shortly (503)."""
+
+    retry_after_s = 5

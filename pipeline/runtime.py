@@ -28,8 +28,12 @@ class StoreRef:
     handle: Any = None
     retention: Retention = Retention()
 
-    def connect(self) -> StreamStore:
+    def connect(self, fail_fast: bool = False) -> StreamStore:
+        """A client; ``fail_fast``: few retries and short timeouts, for callers that must answer
+        within seconds while the store is away (the API) rather than wait it out."""
         if self.url:
+            if fail_fast:
+                return open_store(self.url, self.retention, retries=1, socket_timeout_s=1.5)
             return open_store(self.url, self.retention)
         if self.handle is None:
             raise ValueError("StoreRef needs a Redis URL or a store actor handle")
@@ -128,5 +132,8 @@ def start_encoder(name: str, config: ServiceConfig, decoders: list, store: Store
 def start_ingest(name: str, record: Any, worker: Any, config: ServiceConfig, store: StoreRef) -> Any:
     from pipeline.ingest import IngestActor
 
+    # restarted by Ray on death; it resumes from its progress in the store (pipeline.ingest)
+    retain = config.queue_windows + config.max_batch + 8  # what an encoder can hold that is not durable yet
     return ray.remote(IngestActor).options(**_named(name, config), num_cpus=config.ingest_cpus,
-                                           max_restarts=0).remote(record, worker, store, config.source_policy())
+                                           max_restarts=-1).remote(record, worker, store, config.source_policy(),
+                                                                   retain)

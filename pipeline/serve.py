@@ -139,9 +139,12 @@ def _to_api_error(exc: BaseException, stream_id: str | None = None) -> ApiError:
     cause = _cause(exc)
     if isinstance(exc, RayActorError) or isinstance(cause, RayActorError):
         return ApiError(503, f"the engine is unavailable: {_message(cause)}", "service_unavailable")
-    from pipeline.refusals import LimitExceeded, NameTaken
+    from pipeline.refusals import LimitExceeded, NameTaken, StoreUnavailable
     from pipeline.source_policy import redact
 
+    if isinstance(cause, StoreUnavailable):
+        return ApiError(503, _message(cause), "service_unavailable",
+                        headers={"Retry-After": str(cause.retry_after_s)})
     if isinstance(cause, LimitExceeded):
         return ApiError(429, _message(cause), "rate_limit_exceeded", cause.param,
                         {"Retry-After": str(cause.retry_after_s)})

@@ -17,9 +17,9 @@ import ray
 from pipeline import runtime
 from pipeline.config import ServiceConfig
 from pipeline.records import StreamRecord, StreamSpec
-from pipeline.refusals import LimitExceeded, NameTaken
+from pipeline.refusals import LimitExceeded, NameTaken, StoreUnavailable
 from pipeline.stats import DecoderStats, EncoderStats, IngestStats, stream_status
-from pipeline.store import Retention, StreamNotFound
+from pipeline.store import Retention, StreamExists, StreamNotFound
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class StreamService:
         retention = Retention(c.retention_windows, c.retention_s)
         handle = None if c.redis_url else runtime.store_actor(retention, c.detached, self.names.store())
         self.store_ref = runtime.StoreRef(c.redis_url, handle, retention)
-        self.store = self.store_ref.connect()
+        self.store = self.store_ref.connect(fail_fast=True)  # the API answers 503 within seconds
         self.decoders = [runtime.start_decoder(self.names.decoder(i), c, self.store_ref)
                          for i in range(c.decoder_actors)]
         self.workers = [runtime.start_encoder(self.names.encoder(i), c, self.decoders, self.store_ref)
@@ -49,6 +49,8 @@ class StreamService:
         self._reattached = False
         self._creating = asyncio.Lock()  # limits and name checks see every earlier create
         self._asking: dict[str, int] = {}  # questions answered or waiting, per stream
+        self.known: dict[str, StreamRecord] = {}  # running streams' records: written back if the store loses them
+        self._watchdog: asyncio.Task | None = None
 
     async def _reattach(self) -> None:
         """Once: a restarted service finds the ingest actors of its streams again."""
@@ -64,11 +66,55 @@ class StreamService:
                 pass
 
     async def _io(self, fn: Any, *args: Any) -> Any:
-        """A blocking store call off the event loop."""
-        return await asyncio.to_thread(fn, *args)
+        """A blocking store call off the event loop; StoreUnavailable when the store is away."""
+        self._watch()
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except (StreamNotFound, ValueError, TypeError, KeyError):
+            raise
+        except Exception as exc:
+            if _unreachable(exc):
+                raise StoreUnavailable(f"the store is unavailable ({type(exc).__name__}); retry shortly") from None
+            raise
+
+    def _watch(self) -> None:
+        """Start the watchdog once, from inside the actor's event loop."""
+        if self._watchdog is None:
+            self._watchdog = asyncio.get_running_loop().create_task(self._restore_loop())
+
+    async def _restore_loop(self) -> None:
+        """Every 2 s: a running stream the store no longer knows (Redis restarted empty) has its
+        record written back, so its actors' buffered writes land again; a deleted one is gone
+        from ``known`` already. Nothing is orphaned: the engine holds every running stream."""
+        while True:
+            await asyncio.sleep(2.0)
+            try:
+                await self._restore_missing({r["id"] for r in await asyncio.to_thread(self.store.list_streams)})
+            except Exception as exc:  # the store is away: next round
+                log.debug("restore watchdog: %s", exc)
+
+    async def _restore_missing(self, present: set[str]) -> list[StreamRecord]:
+        """Write back the records of running streams the store does not have; the ones written."""
+        restored = []
+        for sid, rec in list(self.known.items()):
+            if sid not in present and sid in self.known:
+                log.warning("stream %s: the store lost its record; writing it back", sid)
+                try:
+                    await asyncio.to_thread(self.store.create_stream, rec.to_dict(), sid)
+                except StreamExists:  # written back meanwhile (the watchdog or another call)
+                    continue
+                restored.append(rec)
+        return restored
 
     async def _records(self) -> list[StreamRecord]:
-        return [StreamRecord.from_dict(r) for r in await self._io(self.store.list_streams)]
+        recs = [StreamRecord.from_dict(r) for r in await self._io(self.store.list_streams)]
+        recs += await self._restore_missing({r.id for r in recs})
+        for r in recs:  # the latest copy of each running stream's record
+            if r.status in ("ended", "failed"):
+                self.known.pop(r.id, None)
+            elif r.id in self.known or r.id in self.ingest:
+                self.known[r.id] = r
+        return recs
 
     @staticmethod
     def _least_loaded(n: int, assigned: list[int]) -> int:
@@ -95,7 +141,9 @@ class StreamService:
             raise ValueError(f"context_tokens: at most {self.cfg.max_context_tokens} (the model's range), got {budget}")
         from pipeline.sources import classify
 
-        classify(parsed.source)  # UnsupportedSourceError (a ValueError) names the problem
+        live = classify(parsed.source).live  # UnsupportedSourceError (a ValueError) names the problem
+        if parsed.backpressure is None:  # a finite source waits for the model rather than lose a window
+            parsed = parsed.model_copy(update={"backpressure": not live})
         await self._io(self.policy.check, parsed.source)  # SourceRefused names the rule; opens nothing
         async with self._creating:
             running = [r for r in await self._records() if r.status not in ("ended", "failed")]
@@ -111,6 +159,7 @@ class StreamService:
                                          worker=self._least_loaded(len(self.workers), [r.worker for r in running]),
                                          decoder=self._least_loaded(len(self.decoders), [r.decoder for r in running]))
             rec = StreamRecord.from_dict(await self._io(self.store.create_stream, rec.to_dict()))
+            self.known[rec.id] = rec
         self.ingest[rec.id] = runtime.start_ingest(self.names.ingest(rec.id), rec, self._worker(rec), self.cfg,
                                                    self.store_ref)
         return await self._status(rec)
@@ -134,7 +183,10 @@ class StreamService:
         try:
             rec = StreamRecord.from_dict(await self._io(self.store.get_stream, stream_id))
         except (StreamNotFound, ValueError):
-            raise KeyError(stream_id) from None
+            if stream_id not in self.known:
+                raise KeyError(stream_id) from None
+            await self._restore_missing(set(self.known) - {stream_id})  # the store lost it: write it back
+            rec = self.known[stream_id]
         if owner is not None and rec.owner != owner:
             raise KeyError(stream_id)
         return rec
@@ -156,14 +208,18 @@ class StreamService:
             self.ingest.pop(rec.id, None)  # the source is over and its figures are in the record
             ray.kill(ing_h, no_restart=True)
         # an ingest actor that does not answer in time while the stream starts is waiting for Ray
-        # to place it (no free CPU): pending, not failed
+        # to place it (no free CPU): pending; one Ray is restarting: its progress from the record
         pending = isinstance(ing, asyncio.TimeoutError) and rec.status in ("created", "starting")
+        if ing_h is not None and isinstance(ing, Exception) and not pending and rec.ingest is None \
+                and not isinstance(ing, ray.exceptions.ActorDiedError):
+            ing = IngestStats.from_dict({**rec.extra.get("progress", {}), "status": "reconnecting"})
         return stream_status(rec, ing if isinstance(ing, IngestStats) else None,
                              enc if isinstance(enc, EncoderStats) else None,
                              dec if isinstance(dec, DecoderStats) else None, pending=pending)
 
     async def delete_stream(self, stream_id: str, owner: str | None = None) -> bool:
         rec = await self._record(stream_id, owner)
+        self.known.pop(stream_id, None)
         ing = self.ingest.pop(stream_id, None)
         if ing is not None:
             await self._call(ing.stop.remote(), 10)
@@ -213,11 +269,11 @@ class StreamService:
         names = [self.names.encoder(i) for i in range(len(self.workers))] + \
                 [self.names.decoder(i) for i in range(len(self.decoders))]
         stats = await asyncio.gather(*(self._call(a.health.remote(), 10) for a in self.workers + self.decoders))
-        store_ok = await self._io(self.store.ping)
+        store_ok = await asyncio.to_thread(self.store.ping)
         workers = {n: (s if isinstance(s, dict) else {"ok": False}) for n, s in zip(names, stats)}
         n = len(await self._io(self.store.list_streams)) if store_ok else len(self.ingest)
         return {"ok": bool(store_ok) and all(w.get("ok") for w in workers.values()), "streams": n,
-                "workers": workers, "store": "redis" if self.cfg.redis_url else "memory"}
+                "degraded": not store_ok, "workers": workers, "store": "redis" if self.cfg.redis_url else "memory"}
 
     async def windows(self, stream_id: str, start: int = 0, owner: str | None = None,
                       limit: int | None = None) -> list[dict]:
@@ -251,7 +307,6 @@ class StreamService:
 
         return await asyncio.to_thread(probe_source, source, options, self.policy)
 
-
     async def window_latencies(self, stream_id: str, owner: str | None = None) -> list[float]:
         """Per-window end-to-end latencies of a live stream (window end -> in the decoder's context)."""
         rec = await self._record(stream_id, owner)
@@ -269,6 +324,18 @@ class StreamService:
             ray.kill(h, no_restart=True)
         if self.store_ref.handle is not None:
             ray.kill(self.store_ref.handle, no_restart=True)
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """A connection-level failure of the store (not a refusal of the request)."""
+    try:
+        import redis
+
+        if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)):
+            return True
+    except ImportError:
+        pass
+    return isinstance(exc, (ConnectionError, TimeoutError, OSError))
 
 
 def get_or_create_service(config: ServiceConfig | Mapping[str, Any] | None = None) -> Any:

@@ -64,6 +64,8 @@ class EncoderStats:
     ending: bool = False
     last_pushed: int = -1
     last_stored: int = -1
+    durable: int = -1  # newest window index whose effects are in the store (stored, or in the stored state)
+    unwritten: int = 0  # windows and states waiting for the store (pipeline.store_writer)
     decoder: int = 0
     harder: int = 0
     tokens: TokenCounts = field(default_factory=TokenCounts)
@@ -91,7 +93,8 @@ class DecoderStats:
 
 def _drained(enc: EncoderStats, dec: DecoderStats) -> bool:
     """Every window the encoder stored has been appended or dropped by the decoder."""
-    if not enc.known or not dec.known or enc.queue or enc.busy or enc.ending or dec.queue or dec.busy:
+    if not enc.known or not dec.known or enc.queue or enc.busy or enc.ending or enc.unwritten \
+            or dec.queue or dec.busy:
         return False
     return dec.handled >= enc.last_stored
 

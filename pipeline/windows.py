@@ -141,7 +141,7 @@ class WindowAssembler:
                  has_video: bool, live: bool, options: SourceOptions,
                  size: tuple[int, int] | None = None, video_size: tuple[int, int] | None = None,
                  frame_duration: float | None = None, start_time: float | None = None,
-                 realtime: bool = False) -> None:
+                 realtime: bool = False, unpaced_until_s: float = 0.0) -> None:
         self.window_s, self.fps, self.sr = float(window_s), float(fps), int(sample_rate)
         self.n_samples = _whole(window_s * sample_rate, "window_s * sample_rate")
         self.n_frames = _whole(window_s * fps, "window_s * fps")
@@ -152,6 +152,7 @@ class WindowAssembler:
         self.frame_dur = frame_duration or 1.0 / self.fps
         self.start_time = start_time
         self.realtime = realtime
+        self.unpaced_until_s = float(unpaced_until_s)  # a resumed file fast-forwards to here unpaced
         self.index = 0  # next window to emit
         self.reconnects = 0
         self.discontinuities = 0
@@ -262,7 +263,7 @@ class WindowAssembler:
         self._disc_windows.add(max(0, int(expected // self.window_s)))
 
     def _pace(self, t: float | None, now: float) -> None:
-        if not self.realtime or t is None:
+        if not self.realtime or t is None or t < self.unpaced_until_s:
             return
         if self._wall0 is None:
             self._wall0 = now - t
@@ -379,13 +380,15 @@ def iter_windows(source: str | os.PathLike | Source, *, window_s: float = 2.0, f
                  sample_rate: int = 16000, realtime: bool | None = None,
                  options: SourceOptions | Mapping | None = None,
                  size: tuple[int, int] | None = None,
-                 policy: SourcePolicy | None = None) -> Iterator[AVWindow]:
+                 policy: SourcePolicy | None = None, skip_windows: int = 0) -> Iterator[AVWindow]:
     """Yield aligned AVWindows from a URL, path, `lavfi:` graph, device or an opened Source.
 
     realtime: None paces nothing (live sources arrive at their own pace), True paces a file at
     real time so it behaves like a live source. size: (H, W) to scale frames to (else the
     source's size). policy: the SourcePolicy a URL is opened under (None: permissive; an opened
     Source keeps its own). A SourceError raised by the source comes after the windows it completed.
+    skip_windows: the first windows are decoded but not yielded, and not paced (a finite source
+    resumed after a restart continues at window `skip_windows`, on time).
     """
     if not (window_s > 0 and fps > 0):
         raise ValueError(f"window_s and fps must be positive, got {window_s} and {fps}")
@@ -403,14 +406,14 @@ def iter_windows(source: str | os.PathLike | Source, *, window_s: float = 2.0, f
             has_video=src.has_video, live=src.live, options=src.options,
             size=tuple(size) if size else None, video_size=src.video_size,
             frame_duration=src.frame_duration, start_time=src.start_time,
-            realtime=bool(realtime) and not src.live)
+            realtime=bool(realtime) and not src.live, unpaced_until_s=max(0, skip_windows) * window_s)
         try:
             for ev in src.events():
-                yield from asm.push(ev)
+                yield from (w for w in asm.push(ev) if w.index >= skip_windows)
         except SourceError:
-            yield from asm.finish()
+            yield from (w for w in asm.finish() if w.index >= skip_windows)
             raise
-        yield from asm.finish()
+        yield from (w for w in asm.finish() if w.index >= skip_windows)
     finally:
         if owned:
             src.close()

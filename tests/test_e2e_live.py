@@ -246,11 +246,11 @@ def clip_stream(api: Api, clip: Path, streams: dict[str, str]) -> Iterator[dict[
 
 @pytest.fixture(scope="module")
 def flood_stream(api: Api, streams: dict[str, str]) -> Iterator[dict[str, Any]]:
-    """A source read as fast as it decodes (not paced): it outruns the encoder, so the bounded
-    queue drops windows and the drop counters exist."""
+    """A source read as fast as it decodes (not paced) with backpressure off (files have it on by
+    default): it outruns the encoder, so the bounded queue drops windows and the drop counters exist."""
     st = api.create(source="lavfi:testsrc2=size=160x120:rate=10,trim=duration=120[out0];"
                            "sine=f=330:sample_rate=16000,atrim=duration=120[out1]",
-                    name="e2e-flood", realtime=False)
+                    name="e2e-flood", realtime=False, backpressure=False)
     try:
         st = api.wait(st["id"], lambda s: s["dropped"] > 0 or s["status"] in ("ended", "failed"),
                       60, "a dropped window")

@@ -41,7 +41,8 @@ def metric_lines(port: int, name: str, sid: str) -> list[str]:
 
 def test_overrun_drops_and_harder_compression_are_counted(svc: Any, ray_session: dict) -> None:
     import ray
-    sid = ray.get(svc.create_stream.remote({"source": lavfi(40), "realtime": False}))["id"]
+    # backpressure off: files wait for the model by default
+    sid = ray.get(svc.create_stream.remote({"source": lavfi(40), "realtime": False, "backpressure": False}))["id"]
     st = wait(svc, sid, ended, 120, "the end")
     assert st["status"] == "ended" and st["windows_total"] == 20
     assert st["dropped"] > 0 and st["dropped"] == sum(st["drops"].values())
