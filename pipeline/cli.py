@@ -1,22 +1,36 @@
 """`omnizip-stream`: the service's command line.
 
-    omnizip-stream serve [--host 0.0.0.0 --port 8000 --model tiny --redis-url redis://...]
-    omnizip-stream run SOURCE --question "What is happening?" [--model --device --redis-url ...]
+    omnizip-stream serve [--host 0.0.0.0 --port 8000 --api-key KEY --model tiny --redis-url redis://...]
+    omnizip-stream run SOURCE --question "What is happening?" [--model --method --rho-video ...]
+    omnizip-stream viz SOURCE -o OUT.png|OUT.mp4 [--model --method --rho-video ...]
     omnizip-stream demo
+    every command: [--config FILE] [--log-level debug|info|warning|error] [--json];  omnizip-stream --version
 
-Each starts a local Ray (no dashboard, a small object store) unless RAY_ADDRESS names a cluster.
+Settings come from flags over OMNIZIP_* variables over --config FILE (pipeline.settings;
+docs/configuration.md lists them all). The source, the model and the options are checked before
+Ray starts or torch loads (pipeline.cli_checks): a mistake is one line on stderr and exit code 2.
+Each command starts a local Ray (no dashboard, a small object store, its own temporary directory,
+removed on exit) unless RAY_ADDRESS names a cluster.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import shutil
+import signal
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
+
+from pipeline.cli_checks import (METHOD_NAMES, check_dtype, check_model, check_output, check_port_free, check_source,
+                                 check_store_url, check_stream_options)
+from pipeline.settings import LOG_LEVEL_ENV, LOG_LEVELS, SettingsError, load_settings
 
 QUESTION = "What is happening in the stream?"
 DEMO_SECONDS = 12
@@ -24,45 +38,76 @@ DEMO_SOURCE = (f"lavfi:testsrc2=size=320x240:rate=25,trim=duration={DEMO_SECONDS
                f"sine=f=440:beep_factor=4:sample_rate=16000,atrim=duration={DEMO_SECONDS}[out1]")
 
 
-def start_ray(metrics_port: int | None = None) -> None:
-    """Attach to RAY_ADDRESS, or start a local Ray sized for this machine. A local Ray uses
-    Ray's token authentication (RAY_AUTH_MODE=token, a token generated on first use) unless
-    the environment says otherwise: Ray's own ports listen on every interface, and without a
-    token anyone who reaches them can run code on the cluster."""
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("omnizip-stream")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+# ---- Ray ------------------------------------------------------------------------------------------
+def start_ray(metrics_port: int | None = None, log_level: str = "warning") -> str | None:
+    """Attach to RAY_ADDRESS, or start a local Ray sized for this machine in a temporary directory
+    of its own (returned, for :func:`stop_ray` to remove). A local Ray uses Ray's token
+    authentication (RAY_AUTH_MODE=token) unless the environment says otherwise: Ray's own ports
+    listen on every interface, and without a token anyone who reaches them can run code there.
+    Actors log at ``log_level`` (pipeline.settings.worker_logging) and their logs reach stderr."""
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
     if ray.is_initialized():
-        return
+        return None
+    level = getattr(logging, log_level.upper())
+    forward = level <= logging.WARNING  # the actors' own lines (warnings by default) reach stderr
+    env = {"env_vars": {LOG_LEVEL_ENV: log_level}, "worker_process_setup_hook": "pipeline.settings.worker_logging"}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level=logging.WARNING, log_to_driver=False)
-        return
-    kw: dict[str, Any] = {}
-    if metrics_port:
-        kw["_metrics_export_port"] = metrics_port
+        ray.init(logging_level=level, log_to_driver=forward, runtime_env=env)
+        return None
+    kw: dict[str, Any] = {"_metrics_export_port": metrics_port} if metrics_port else {}
+    temp = tempfile.mkdtemp(prefix=f"ray-oz{os.getpid()}-", dir="/tmp")  # short: Ray's socket paths are limited
     ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, object_store_memory=256 * 2**20,
-             _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"), logging_level=logging.WARNING,
-             log_to_driver=False, **kw)
+             _temp_dir=temp, logging_level=level, log_to_driver=forward, runtime_env=env, **kw)
+    return temp
 
 
-def _config(args: argparse.Namespace, **extra: Any) -> Any:
-    from pipeline.service import ServiceConfig
+def stop_ray(temp: str | None) -> None:
+    """Shut Ray down and remove the temporary directory a local Ray was started in."""
+    import ray
 
-    cfg = ServiceConfig.from_env()
-    fields = {"model": args.model, "device": args.device, "dtype": args.dtype, "redis_url": args.redis_url,
-              "behind_policy": getattr(args, "behind_policy", None)}
-    return ServiceConfig(**{**cfg.__dict__, **{k: v for k, v in fields.items() if v is not None}, **extra})
-
-
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="preset (tiny|small|3b|7b, random weights) or a local checkpoint dir")
-    p.add_argument("--device", help="cpu or cuda (default cpu)")
-    p.add_argument("--dtype", help="float32 | bf16 | fp16 (default: the device's)")
-    p.add_argument("--redis-url", help="redis://host:port/db (default: the in-process store)")
+    try:
+        ray.shutdown()
+    finally:
+        if temp:
+            shutil.rmtree(temp, ignore_errors=True)
 
 
-# ---- serve -----------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def ray_session(metrics_port: int | None, log_level: str) -> Iterator[None]:
+    """Ray for one command; SIGTERM (installed after ray.init, which sets its own) ends it like
+    Ctrl-C, so the cleanup below runs."""
+    temp = None
+
+    def _stop(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        temp = start_ray(metrics_port, log_level)
+        signal.signal(signal.SIGTERM, _stop)
+        yield
+    finally:
+        stop_ray(temp)
+
+
+def _oz(args: argparse.Namespace) -> dict[str, float] | None:
+    oz = {k: v for k, v in (("rho_audio", args.rho_audio), ("rho_video", args.rho_video)) if v is not None}
+    return oz or None
+
+
+# ---- serve ----------------------------------------------------------------------------------------
 def _is_loopback_host(host: str) -> bool:
     import ipaddress
 
@@ -72,193 +117,165 @@ def _is_loopback_host(host: str) -> bool:
         return host == "localhost"
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from ray import serve
+def cmd_serve(args: argparse.Namespace, s: Any) -> int:
+    from pipeline.gate import parse_keys
 
-    from pipeline.serve import build_app
-
-    from pipeline.serve import gate_settings
-
-    gate = gate_settings({"api_keys": args.api_key or (), "insecure": args.insecure})
-    if not gate.api_keys and not gate.insecure and not _is_loopback_host(args.host):
-        print(f"omnizip-stream: refusing to listen on {args.host} without an API key: give --api-key KEY "
-              "(or OMNIZIP_API_KEYS), or --insecure to serve anyone who can reach the port", file=sys.stderr)
-        return 2
-    cfg = _config(args)
-    start_ray(args.metrics_port)
-    serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build_app(cfg, gate={"api_keys": list(gate.api_keys), "insecure": gate.insecure}), name="omnizip",
-              route_prefix="/", blocking=False)
-    who = (f"{len(gate.api_keys)} API key(s) required" if gate.api_keys else
-           "NO API KEY: anyone who reaches the port owns the service (--insecure)" if gate.insecure else
-           "no API key: loopback clients only")
-    from pipeline.source_policy import redact
-
-    print(f"omnizip-stream: serving on http://{args.host}:{args.port} (model {cfg.model}, "
-          f"store {redact(cfg.redis_url) if cfg.redis_url else 'in-process'}; {who}); Ctrl-C stops", flush=True)
-    import signal
-
-    import ray
-
-    def _stop(*_: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _stop)
+    check_model(s.model)
+    check_dtype(s.dtype)
+    check_store_url(s.redis_url)
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()
-        ray.shutdown()
+        keys = parse_keys(list(s.api_keys) + list(args.api_key or []))
+    except ValueError as e:
+        raise SettingsError(f"--api-key / OMNIZIP_API_KEYS: {e}") from None
+    if not keys and not s.insecure and not _is_loopback_host(s.host):
+        raise SettingsError(f"refusing to listen on {s.host} without an API key: give --api-key KEY (or "
+                            "OMNIZIP_API_KEYS), or --insecure to serve anyone who can reach the port")
+    check_port_free(s.host, s.port)
+    cfg = s.service_config()
+    gate = {**s.gate(), "api_keys": list(keys)}
+    with ray_session(s.metrics_port, s.log_level):
+        from ray import serve
+
+        from pipeline.redact import redact
+        from pipeline.serve import build_app
+
+        logging.getLogger("ray.serve").setLevel(s.level())
+        serve_logs = {"log_level": s.log_level.upper()}  # Serve's controller, proxy and replicas too
+        serve.start(http_options={"host": s.host, "port": s.port}, logging_config=serve_logs)
+        try:
+            serve.run(build_app(cfg, gate=gate), name="omnizip", route_prefix="/", blocking=False,
+                      logging_config=serve_logs)
+            who = (f"{len(keys)} API key(s) required" if keys else
+                   "NO API KEY: anyone who reaches the port owns the service (--insecure)" if s.insecure else
+                   "no API key: loopback clients only")
+            store = redact(cfg.redis_url) if cfg.redis_url else "in-process"
+            url = f"http://{s.host}:{s.port}"
+            if args.json:
+                doc = {"url": url, "console": url + "/", "model": cfg.model, "store": store, "api_keys": len(keys),
+                       "insecure": bool(s.insecure)}
+                print(json.dumps(doc), file=args.json_out, flush=True)
+            else:
+                print(f"omnizip-stream: serving on {url} (web console at {url}/; model {cfg.model}, store {store}; "
+                      f"{who}); Ctrl-C stops", flush=True)
+            with contextlib.suppress(KeyboardInterrupt):
+                while True:
+                    time.sleep(3600)
+        finally:
+            serve.shutdown()
     return 0
 
 
-# ---- run / demo ------------------------------------------------------------------------------------
-def _duration_windows(source: str) -> int | None:
-    """Windows in a file (for the progress bar); None for live sources or when unknown."""
-    import av
+# ---- run / demo / viz ------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace, s: Any) -> int:
+    from pipeline.cli_run import run_stream
 
-    from pipeline.sources import classify
-
-    spec = classify(source)
-    if spec.kind != "file":
-        return None
-    try:
-        with av.open(spec.target) as c:
-            return int(-(-c.duration // (2 * av.time_base))) if c.duration else None
-    except Exception:
-        return None
-
-
-def _answer(svc: Any, sid: str, question: str, max_tokens: int, out: Any) -> tuple[str, float, int]:
-    import ray
-
-    t = time.perf_counter()
-    ttft, parts = None, []
-    for ref in svc.ask.options(num_returns="streaming").remote(sid, question, max_tokens):
-        piece = ray.get(ref)
-        if ttft is None:
-            ttft = time.perf_counter() - t
-        parts.append(piece)
-        out.write(piece)
-        out.flush()
-    out.write("\n")
-    return "".join(parts), ttft or 0.0, len(parts)
-
-
-def _window_line(w: dict) -> str:
-    a_in, a_k, v_in, v_k = (int(w.get(k, 0)) for k in ("audio_in", "audio_kept", "video_in", "video_kept"))
-    ratio = (a_k + v_k) / max(1, a_in + v_in)
-    extra = "  (compressed harder)" if w.get("harder") else ""
-    return (f"window {w['index']:3d} [{w['start']:6.1f}-{w['end']:6.1f} s]  audio {a_k:3d}/{a_in:3d}  "
-            f"video {v_k:4d}/{v_in:4d}  kept {ratio:6.1%}{extra}")
-
-
-def _summary(st: dict) -> str:
-    t = st["tokens"]
-    tin = t["audio"]["in"] + t["video"]["in"]
-    kept = t["audio"]["kept"] + t["video"]["kept"]
-    return (f"stream {st['id']} ({st['status']}): {st['windows_total']} windows, {st['windows']} in context, "
-            f"{st['dropped']} dropped; audio kept {t['audio']['kept']}/{t['audio']['in']}, video kept "
-            f"{t['video']['kept']}/{t['video']['in']} ({kept / max(1, tin):.1%} of tokens); "
-            f"context {st['context_tokens']} tokens; lag {st['lag_s']:.2f} s")
-
-
-def run_stream(cfg: Any, spec: dict, question: str, max_tokens: int, *, per_window: bool, progress: bool,
-               duration_s: float | None, as_json: bool, out: Any = sys.stdout) -> int:
-    """Create the stream, follow it to its end (or for duration_s), ask, print; 0 on success."""
-    import ray
-
-    from pipeline.service import get_or_create_service, shutdown_service
-
-    svc = get_or_create_service(cfg)
-    try:
-        st = ray.get(svc.create_stream.remote(spec))
-        sid = st["id"]
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(total=_duration_windows(spec["source"]), unit="window", desc="windows", file=sys.stderr)
-        shown, t_start = 0, time.monotonic()
-        while True:
-            st = ray.get(svc.get_stream.remote(sid))
-            if per_window:
-                for w in ray.get(svc.windows.remote(sid, shown)):
-                    print(_window_line(w), file=out, flush=True)
-                    shown = w["index"] + 1
-            if bar is not None:
-                bar.n = st["windows_total"]
-                bar.set_postfix(in_context=st["windows"], dropped=st["dropped"], refresh=False)
-                bar.refresh()
-            if st["status"] in ("ended", "failed"):
-                break
-            if duration_s is not None and time.monotonic() - t_start > duration_s:
-                break
-            time.sleep(0.25)
-        if bar is not None:
-            bar.close()
-        if st["status"] == "failed":
-            print(f"stream failed: {st['error']}", file=sys.stderr)
-            return 1
-        print(f"Q: {question}\nA: ", end="", file=out, flush=True)
-        text, ttft, n = _answer(svc, sid, question, max_tokens, out)
-        st = ray.get(svc.get_stream.remote(sid))
-        print(_summary(st), file=out)
-        print(f"answer: {n} tokens, first after {ttft * 1000:.0f} ms", file=out)
-        if as_json:
-            print(json.dumps({**st, "question": question, "answer": text, "ttft_s": ttft}), file=out)
-        return 0
-    finally:
-        shutdown_service(svc)
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.sources import classify
-
-    start_ray()
-    oz = {k: v for k, v in (("rho_audio", args.rho_audio), ("rho_video", args.rho_video)) if v is not None}
-    live = bool(classify(args.source).live)
-    spec = {"source": args.source, "method": args.method, "omnizip": oz or None,
-            "context_tokens": args.context_tokens, "lookahead": args.lookahead, "realtime": args.realtime or None,
-            "backpressure": not live and not args.realtime}  # a file waits for the model instead of dropping
+    spec_kind = check_source(args.source)  # the operator's own source: any kind, but it must exist
+    check_model(s.model)
+    check_dtype(s.dtype)
+    check_store_url(s.redis_url)
+    if args.duration is not None and not args.duration > 0:
+        raise SettingsError(f"--duration: must be > 0 seconds, got {args.duration}")
+    if not 1 <= args.max_tokens <= 4096:
+        raise SettingsError(f"--max-tokens: must be in [1, 4096], got {args.max_tokens}")
+    live = bool(spec_kind.live)
+    spec = check_stream_options({
+        "source": args.source, "method": args.method, "omnizip": _oz(args), "context_tokens": args.context_tokens,
+        "lookahead": args.lookahead, "realtime": args.realtime or None,
+        "backpressure": not live and not args.realtime})  # a file waits for the model instead of dropping
     # the operator names the source on the command line: any kind is theirs to open
-    cfg = _config(args, name=f"omnizip-run-{os.getpid()}", detached=False, allow_sources="*")
-    return run_stream(cfg, spec, args.question, args.max_tokens, per_window=args.per_window,
-                      progress=not args.no_progress, duration_s=args.duration, as_json=args.json)
+    cfg = s.service_config(name=f"omnizip-run-{os.getpid()}", detached=False, allow_sources="*")
+    with ray_session(None, s.log_level):
+        return run_stream(cfg, spec, args.question, args.max_tokens, per_window=args.per_window,
+                          progress=not args.no_progress, duration_s=args.duration, as_json=args.json,
+                          json_out=args.json_out)
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    start_ray()
+def cmd_demo(args: argparse.Namespace, s: Any) -> int:
+    from pipeline.cli_run import run_stream
+
     print(f"OmniZip-Stream demo: a synthetic {DEMO_SECONDS}-s audio-video clip (test pattern + beeps), "
           "the 'tiny' Qwen2.5-Omni preset (random weights: the words mean nothing), the in-process store.",
           flush=True)
-    cfg = _config(argparse.Namespace(model="tiny", device="cpu", dtype=None, redis_url=None),
-                  name=f"omnizip-demo-{os.getpid()}", detached=False, allow_sources="*")
+    cfg = s.service_config(model="tiny", device="cpu", dtype=None, redis_url=None,
+                           name=f"omnizip-demo-{os.getpid()}", detached=False, allow_sources="*")
     spec = {"source": DEMO_SOURCE, "name": "demo", "backpressure": True}
-    return run_stream(cfg, spec, args.question, args.max_tokens, per_window=True, progress=False,
-                      duration_s=None, as_json=False)
+    with ray_session(None, s.log_level):
+        return run_stream(cfg, spec, args.question, args.max_tokens, per_window=True, progress=False,
+                          duration_s=None, as_json=args.json, json_out=args.json_out)
+
+
+def cmd_viz(args: argparse.Namespace, s: Any) -> int:
+    from pipeline.viz_clip import VIZ_SUFFIXES
+
+    check_source(args.source)
+    check_model(s.model)
+    out = check_output(args.output, VIZ_SUFFIXES)
+    spec = check_stream_options({"source": args.source, "method": args.method, "omnizip": _oz(args)})
+    if args.max_windows is not None and args.max_windows < 1:
+        raise SettingsError(f"--max-windows: must be >= 1, got {args.max_windows}")
+    from pipeline.viz_clip import render_clip
+
+    res = render_clip(args.source, out, model=s.model, method=spec["method"], omnizip=spec.get("omnizip"),
+                      max_windows=args.max_windows, device=s.device)
+    t = res["tokens"]
+    kept = (t["audio"]["kept"] + t["video"]["kept"]) / max(1, t["audio"]["in"] + t["video"]["in"])
+    print(json.dumps(res) if args.json else f"wrote {res['output']}: {res['windows']} windows, audio kept "
+          f"{t['audio']['kept']}/{t['audio']['in']}, video kept {t['video']['kept']}/{t['video']['in']} "
+          f"({kept:.1%} of tokens)", file=args.json_out if args.json else sys.stdout, flush=True)
+    return 0
+
+
+# ---- the parser ------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are one line on stderr and exit code 2, like every other refusal."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: {' '.join(message.split())} (see --help)\n")
+
+
+def _common() -> argparse.ArgumentParser:
+    c = argparse.ArgumentParser(add_help=False)
+    c.add_argument("--config", metavar="FILE", help="settings file (.toml, .json, .yaml): docs/configuration.md")
+    c.add_argument("--log-level", choices=LOG_LEVELS, type=str.lower,
+                   help="log level of the command and of the engine's actors (default warning; OMNIZIP_LOG_LEVEL)")
+    c.add_argument("--json", action="store_true", help="print only JSON on stdout")
+    return c
+
+
+def _model_args(p: argparse.ArgumentParser, store: bool = True) -> None:
+    p.add_argument("--model", help="preset (tiny|small|3b|7b, random weights) or a local checkpoint dir")
+    p.add_argument("--device", help="cpu or cuda (default cpu)")
+    if store:
+        p.add_argument("--dtype", help="float32 | bf16 | fp16 (default: the device's)")
+        p.add_argument("--redis-url", help="redis://host:port/db (default: the in-process store)")
+
+
+def _method_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default="omnizip", help=f"compression method: {', '.join(METHOD_NAMES)}")
+    p.add_argument("--rho-audio", type=float, help="fraction of audio tokens discarded (default 0.4)")
+    p.add_argument("--rho-video", type=float, help="fraction of video tokens discarded (default 0.7)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="omnizip-stream", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="omnizip-stream", description=__doc__.split("\n\n")[0])
+    p.add_argument("--version", action="version", version=f"omnizip-stream {version()}")
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("serve", help="the HTTP API (Ray Serve) over the engine")
+    common = _common()
+    s = sub.add_parser("serve", parents=[common], help="the HTTP API and web console (Ray Serve) over the engine")
     _model_args(s)
-    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="HTTP port (default 8000)")
     s.add_argument("--api-key", action="append", metavar="KEY",
-                   help="an API key clients must send as 'Authorization: Bearer KEY' (repeatable; also OMNIZIP_API_KEYS)")
-    s.add_argument("--insecure", action="store_true",
+                   help="an API key clients must send as 'Authorization: Bearer KEY' "
+                        "(repeatable; adds to OMNIZIP_API_KEYS)")
+    s.add_argument("--insecure", action="store_true", default=None,
                    help="serve clients from anywhere without an API key (only with no key configured)")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--metrics-port", type=int, default=None, help="Ray's per-node Prometheus export port")
-    r = sub.add_parser("run", help="watch one source, then answer a question about it")
+    s.add_argument("--metrics-port", type=int, help="Ray's per-node Prometheus export port")
+    r = sub.add_parser("run", parents=[common], help="watch one source, then answer a question about it")
     r.add_argument("source", help="rtsp://..., http(s)://..., a file, v4l2:/dev/video0, lavfi:GRAPH")
     r.add_argument("--question", "-q", required=True)
     _model_args(r)
-    r.add_argument("--method", default="omnizip",
-                   help="compression method: omnizip (default), keep_all, random, fixed_ratio")
-    r.add_argument("--rho-audio", type=float, help="fraction of audio tokens discarded (default 0.4)")
-    r.add_argument("--rho-video", type=float, help="fraction of video tokens discarded (default 0.7)")
+    _method_args(r)
     r.add_argument("--context-tokens", type=int, default=None, help="rolling context budget (default 8192)")
     r.add_argument("--lookahead", type=int, default=0, help="windows of compressor look-ahead")
     r.add_argument("--realtime", action="store_true", help="play a file at media speed, like a live source")
@@ -267,21 +284,47 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-tokens", type=int, default=64)
     r.add_argument("--per-window", action="store_true", help="print each window's compression")
     r.add_argument("--no-progress", action="store_true")
-    r.add_argument("--json", action="store_true", help="also print the final status and answer as JSON")
-    d = sub.add_parser("demo", help="the README's demo: a synthetic clip, the tiny model, local Ray")
+    v = sub.add_parser("viz", parents=[common], help="draw the kept patches and audio tokens over a clip (no Ray)")
+    v.add_argument("source", help="a file, lavfi:GRAPH, rtsp://... (a live source: use --max-windows)")
+    v.add_argument("-o", "--output", required=True, metavar="OUT", help="OUT.png (one row per window) or OUT.mp4")
+    _model_args(v, store=False)
+    _method_args(v)
+    v.add_argument("--max-windows", type=int, default=None, help="windows to draw (default: 8 for .png, all for .mp4)")
+    d = sub.add_parser("demo", parents=[common], help="the README's demo: a synthetic clip, the tiny model, local Ray")
     d.add_argument("--question", "-q", default=QUESTION)
     d.add_argument("--max-tokens", type=int, default=16)
     return p
 
 
+_FLAGS = ("model", "device", "dtype", "redis_url", "behind_policy", "host", "port", "insecure", "metrics_port",
+          "log_level")
+COMMANDS = {"serve": cmd_serve, "run": cmd_run, "demo": cmd_demo, "viz": cmd_viz}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    prog = f"omnizip-stream {args.cmd}"
+    # --json: the real stdout is kept for the JSON alone; anything else printed to stdout (human
+    # text, Ray's forwarded actor lines, libraries) goes to stderr instead
+    args.json_out, saved = sys.stdout, sys.stdout
+    if args.json:
+        sys.stdout = sys.stderr
     try:
-        return {"serve": cmd_serve, "run": cmd_run, "demo": cmd_demo}[args.cmd](args)
-    except (ValueError, KeyError) as e:
-        print(f"omnizip-stream {args.cmd}: {e}", file=sys.stderr)
+        s = load_settings({k: getattr(args, k, None) for k in _FLAGS}, args.config)
+        logging.basicConfig(level=s.level(), stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return COMMANDS[args.cmd](args, s)
+    except SettingsError as e:
+        print(f"{prog}: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # after the checks: a failure of the run itself, one line (details at debug)
+        logging.getLogger("pipeline.cli").debug("failed", exc_info=True)
+        print(f"{prog}: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    finally:
+        sys.stdout = saved
 
 
 if __name__ == "__main__":

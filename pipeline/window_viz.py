@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 __all__ = ["VIZ_KIND", "RawSide", "raw_side", "build_record", "encode_record", "decode_record",
-           "store_viz", "overlay", "side_by_side", "render_frames", "render_audio", "frames_png", "audio_png", "png_bytes",
-           "stack_panels", "thumbnail", "envelope"]
+           "store_viz", "overlay", "side_by_side", "render_frames", "render_audio", "frames_png", "audio_png",
+           "png_bytes", "stack_panels", "thumbnail", "envelope", "POSTER"]
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +167,7 @@ class _Poster:
             store, sid, index, data = self.q.get()
             try:
                 store.put_blob(sid, index, VIZ_KIND, data)
+                log.debug("stream %s window %d: picture stored (%d bytes)", sid, index, len(data))
             except Exception as e:  # a deleted stream, a store outage: the picture is lost
                 log.warning("stream %s window %d: picture not stored: %r", sid, index, e)
             finally:

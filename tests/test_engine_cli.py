@@ -43,13 +43,14 @@ def test_run_a_file_prints_stats_and_answers(ray_session: dict, tmp_path: Path) 
     r = cli("run", str(clip), "--question", "What do you see?", "--max-tokens", "5", "--rho-video", "0.5",
             "--json", "--per-window")
     assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out = json.loads(r.stdout)  # --json: stdout is one JSON object, the human text is on stderr
     assert out["status"] == "ended" and out["windows_total"] == 3 and out["windows"] == 3 and out["dropped"] == 0
     assert out["settings"]["omnizip"]["rho_video"] == 0.5
     assert out["tokens"]["video"]["kept"] < out["tokens"]["video"]["in"]
     assert out["answer"] and out["question"] == "What do you see?"
     assert "windows" in r.stderr  # the progress bar
-    assert sum(ln.startswith("window ") for ln in r.stdout.splitlines()) == 3
+    assert len(re.findall(r"window +\d+ \[", r.stderr)) == 3  # between the progress bar's redraws
+    assert [w["index"] for w in out["per_window"]] == [0, 1, 2]
 
 
 @pytest.mark.parametrize("args, message", [
