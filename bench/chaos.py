@@ -58,6 +58,7 @@ class ChaosRig:
         from pipeline.service import get_or_create_service
 
         self.dir, self.name = Path(workdir), name
+        self.probe: dict[str, Any] = {}  # what a fault measured on the way (the API during an outage)
         self.redis = RedisServer(self.dir / "redis", extra_args=["--appendfsync", "everysec"])
         self.redis.start()
         self.svc = get_or_create_service({"name": name, "redis_url": self.redis.url, "context_tokens": 8192,
@@ -141,9 +142,10 @@ class ChaosRig:
         answered = all(self.answered(s) for s in ids.values())
         for s in ids.values():
             self.call("delete_stream", s)
-        return Outcome(fault, max(0, sum(lost.values())), round(recovery, 2), answered,
-                       {"lost": lost, "drops": {k: f["drops"] for k, f in final.items()},
-                        "windows": {k: f["windows"] for k, f in final.items()}})
+        detail = {"lost": lost, "drops": {k: f["drops"] for k, f in final.items()},
+                  "windows": {k: f["windows"] for k, f in final.items()}, **({"api": self.probe} if self.probe else {})}
+        self.probe = {}
+        return Outcome(fault, max(0, sum(lost.values())), round(recovery, 2), answered, detail)
 
     def stored_safe(self, sid: str) -> list[int]:
         try:
@@ -193,8 +195,17 @@ def stop_worker_5s(rig: ChaosRig, ids: dict[str, str]) -> None:
 
 
 def kill_redis_10s(rig: ChaosRig, ids: dict[str, str]) -> None:
+    """Redis SIGKILLed for 10 s; meanwhile the API is probed: it must refuse fast (503), not hang."""
+    import ray
     rig.redis.stop(hard=True)
-    time.sleep(10)
+    t = time.monotonic()
+    try:
+        ray.get(rig.svc.list_streams.remote(), timeout=30)
+        rig.probe = {"refused": None, "answer_s": round(time.monotonic() - t, 2)}
+    except Exception as exc:
+        cause = getattr(exc, "cause", exc)
+        rig.probe = {"refused": type(cause).__name__, "answer_s": round(time.monotonic() - t, 2)}
+    time.sleep(max(0.0, 10 - (time.monotonic() - t)))
     rig.redis.start()
 
 

@@ -48,6 +48,7 @@ class ServiceConfig:
     allow_sources: str = ""  # file, lavfi, device, loopback: each off unless named; "*": anything (operator CLI)
     file_roots: str = ""  # directories file sources must lie in
     source_hosts: str = ""  # host names or CIDRs network sources must match (empty: any public host)
+    tls_verify: bool = True  # certificate checks of https fetched under the policy
 
     def __post_init__(self) -> None:
         for name in ("encoder_workers", "decoder_actors", "max_batch", "queue_windows", "context_tokens",
@@ -123,7 +124,8 @@ class ServiceConfig:
             return SourcePolicy.permissive()
         return SourcePolicy.from_env({"OMNIZIP_ALLOW_SOURCES": self.allow_sources,
                                       "OMNIZIP_FILE_ROOTS": self.file_roots,
-                                      "OMNIZIP_SOURCE_HOSTS": self.source_hosts})
+                                      "OMNIZIP_SOURCE_HOSTS": self.source_hosts,
+                                      "OMNIZIP_TLS_VERIFY": "1" if self.tls_verify else "0"})
 
     def queue_policy(self, stage: str) -> QueuePolicy:
         """The bounded-queue policy of a stage: the encoder counts a half-full queue as behind and

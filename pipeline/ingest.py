@@ -49,7 +49,7 @@ class IngestActor:
                  retain: int = 32) -> None:
         self.sid = record.id
         self.worker = worker
-        self.store = store.connect()
+        self.store = store.connect(fail_fast=True)  # progress is informative: never stall the source on it
         self.policy = policy  # pipeline.source_policy.SourcePolicy: checked on open and every reconnect
         self.metrics = get_metrics()
         self.rec = self._latest(record)

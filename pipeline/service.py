@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -312,8 +313,18 @@ class StreamService:
         rec = await self._record(stream_id, owner)
         return await self._decoder(rec).latencies.remote(stream_id)
 
-    async def shutdown(self) -> None:
-        """Stop every stream's ingestion and every actor of this service (the store's data stays)."""
+    async def shutdown(self, drain_s: float = 10.0) -> None:
+        """Stop every stream's ingestion, let the windows already accepted reach the context and
+        the store (at most ``drain_s`` seconds), then stop every actor of this service (the
+        store's data stays)."""
+        await asyncio.gather(*(self._call(h.stop.remote(), 5) for h in self.ingest.values()))
+        deadline = time.monotonic() + drain_s
+        for rec in list(self.known.values()):
+            while time.monotonic() < deadline:
+                enc = await self._call(self._worker(rec).stats.remote(rec.id), 5)
+                if not isinstance(enc, EncoderStats) or not (enc.queue or enc.busy or enc.unwritten):
+                    break
+                await asyncio.sleep(0.2)
         for h in list(self.ingest.values()):
             try:
                 ray.kill(h, no_restart=True)

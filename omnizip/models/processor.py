@@ -247,7 +247,11 @@ class OmniProcessor:
     # ---- video --------------------------------------------------------------------------------
     def check_frames(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 RGB frames [T, H, W, 3] with T a multiple of 4 (2 fps, 2-s windows), as a torch tensor."""
-        t = frames if isinstance(frames, torch.Tensor) else torch.from_numpy(np.asarray(frames))
+        if not isinstance(frames, torch.Tensor):
+            arr = np.asarray(frames)
+            # frames from Ray's object store are read-only views: copy those (a few MB a window)
+            frames = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+        t = frames
         if t.ndim != 4 or t.shape[-1] != 3:
             raise InputShapeError(f"frames must be [T, H, W, 3] RGB, got shape {tuple(t.shape)}")
         if t.dtype != torch.uint8:
