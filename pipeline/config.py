@@ -44,6 +44,7 @@ class ServiceConfig:
     max_streams_per_key: int = 16  # running streams of one API key (tenant)
     max_context_tokens: int = 32768  # a stream's context budget at most (the model's position range)
     max_questions_per_stream: int = 2  # questions answered or waiting on one stream; more get 429
+    store_buffer_windows: int = 32  # per stream, windows waiting for an unreachable store (64 s)
     # --- what a source may be (pipeline.source_policy; comma lists as in OMNIZIP_ALLOW_SOURCES) ---
     allow_sources: str = ""  # file, lavfi, device, loopback: each off unless named; "*": anything (operator CLI)
     file_roots: str = ""  # directories file sources must lie in
@@ -52,7 +53,8 @@ class ServiceConfig:
 
     def __post_init__(self) -> None:
         for name in ("encoder_workers", "decoder_actors", "max_batch", "queue_windows", "context_tokens",
-                     "max_streams", "max_streams_per_key", "max_context_tokens", "max_questions_per_stream"):
+                     "max_streams", "max_streams_per_key", "max_context_tokens", "max_questions_per_stream",
+                     "store_buffer_windows"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"ServiceConfig.{name} must be an integer >= 1, got {v!r}")

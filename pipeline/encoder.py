@@ -36,7 +36,6 @@ __all__ = ["EncoderWorker"]
 
 log = logging.getLogger(__name__)
 
-STORE_BUFFER_WINDOWS = 32  # per stream, waiting for the store: over a minute of windows
 
 
 @dataclass
@@ -80,7 +79,7 @@ class EncoderWorker:
         self.cond = threading.Condition()
         self.batches = 0
         self.incarnation = uuid.uuid4().hex  # a restarted worker is another incarnation
-        self.writer = StoreWriter(self.store, STORE_BUFFER_WINDOWS, self._on_durable, self._on_unstored,
+        self.writer = StoreWriter(self.store, config.store_buffer_windows, self._on_durable, self._on_unstored,
                                   lambda sid: self.metrics.reconnect("redis", sid))
         threading.Thread(target=self._loop, name=f"{name}-loop", daemon=True).start()
 
