@@ -214,17 +214,20 @@ class DecoderActor:
         ttft, n, reason = None, 0, "length"
         with st.lock:
             tokens = st.ctx.answer(question, max_tokens, messages=messages)
-            for tok in tokens:
-                if ttft is None:
-                    ttft = time.perf_counter() - t0
-                    yield self._start(st)
-                if tok in stop_ids:
-                    reason = "stop"
-                    break
-                n += 1
-                piece = detok.push(tok)
-                if piece:
-                    yield piece
+            try:
+                for tok in tokens:
+                    if ttft is None:
+                        ttft = time.perf_counter() - t0
+                        yield self._start(st)
+                    if tok in stop_ids:
+                        reason = "stop"
+                        break
+                    n += 1
+                    piece = detok.push(tok)
+                    if piece:
+                        yield piece
+            finally:  # the context is cropped back to itself before another question may use it
+                tokens.close()
             if ttft is None:  # not one token: the prompt was still read
                 yield self._start(st)
         tail = detok.flush()
