@@ -223,8 +223,12 @@ def test_every_dashboard_panel_has_data(api: Api, prom: ph.Prometheus, flood_str
         stop.set()
         t.join(70)
     assert not missing, [f"{q.panel}: {q.expr}" for q in missing]
-    names = {x["metric"]["stream"] for x in ph.query(prom.url, "omnizip_context_tokens")}
-    assert set(streams.values()) <= names
+    # each camera's context gauge, once its (restarted) decoder has exported it again
+    deadline = time.monotonic() + 60
+    while not set(streams.values()) <= (names := {x["metric"]["stream"] for x in
+                                                  ph.query(prom.url, "omnizip_context_tokens")}):
+        assert time.monotonic() < deadline, (set(streams.values()), names)
+        time.sleep(1)
 
 
 # --- more streams the tests above use ----------------------------------------------------------
