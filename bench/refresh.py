@@ -26,13 +26,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from synthetic_av import synthetic_clip  # noqa: E402
-from ttft import recycled  # noqa: E402
+from ttft import compressed_stream  # noqa: E402
 
-from omnizip import PAPER_SETTINGS, StreamCompressor  # noqa: E402
+from omnizip import PAPER_SETTINGS  # noqa: E402
 from omnizip.models import load_model  # noqa: E402
 from omnizip.models.rolling import RollingContext  # noqa: E402
-from omnizip.models.window import compress_with  # noqa: E402
 
 QUESTION = "What has happened on the stream so far?"
 NEVER = 10 ** 9  # keeps the held windows (to compare) but never refreshes
@@ -107,14 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     h, w = (int(v) for v in args.frame_size.lower().split("x"))
 
     model = load_model(args.model or args.preset, args.device, args.dtype, seed=args.seed)
-    audio, frames = synthetic_clip(2 * args.distinct, h, w, args.seed)
-    base = model.encode_clip(audio, frames)
-    sc = StreamCompressor(PAPER_SETTINGS[args.setting], lookahead=0)
-    windows = []
-    for k in range(args.windows):
-        enc = recycled(base, k)
-        (done,) = sc.push(enc.audio, enc.audio_scores, enc.video)
-        windows.append(compress_with(enc, done))
+    _, windows = compressed_stream(model, args.windows, h, w, args.distinct, args.seed, args.setting)
     series = {}
     for setting in args.refresh_every:
         every = None if setting == "none" else int(setting)

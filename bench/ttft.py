@@ -49,6 +49,22 @@ def recycled(base: list[EncodedWindow], index: int) -> EncodedWindow:
     return EncodedWindow(index, b.audio, b.audio_scores, b.video, pos, b.offset, b.llm_grid_hw)
 
 
+def compressed_stream(model, n: int, h: int, w: int, distinct: int, seed: int, setting: str,
+                      progress: bool = False) -> tuple[list[EncodedWindow], list]:
+    """A simulated stream: `distinct` synthetic 2-s windows encoded once (returned, for
+    `recycled`), and `n` windows recycled from them (positions advance) and compressed live by
+    OmniZip at the paper's `setting`."""
+    audio, frames = synthetic_clip(2 * distinct, h, w, seed)
+    base = model.encode_clip(audio, frames)
+    sc = StreamCompressor(PAPER_SETTINGS[setting], lookahead=0)
+    out = []
+    for k in tqdm(range(n), desc="compress windows", file=sys.stderr, disable=not progress):
+        enc = recycled(base, k)
+        (done,) = sc.push(enc.audio, enc.audio_scores, enc.video)
+        out.append(compress_with(enc, done))
+    return base, out
+
+
 def sync(model) -> None:
     if model.device.type == "cuda":
         torch.cuda.synchronize()
@@ -81,15 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
     h, w = (int(v) for v in args.frame_size.lower().split("x"))
 
     model = load_model(args.model or args.preset, args.device, args.dtype, seed=args.seed)
-    audio, frames = synthetic_clip(2 * args.distinct, h, w, args.seed)
-    base = model.encode_clip(audio, frames)
-    n_total = 30 * max(args.minutes)
-    sc = StreamCompressor(PAPER_SETTINGS[args.setting], lookahead=0)
-    compressed = []
-    for k in tqdm(range(n_total), desc="compress windows", file=sys.stderr):
-        enc = recycled(base, k)
-        (done,) = sc.push(enc.audio, enc.audio_scores, enc.video)
-        compressed.append(compress_with(enc, done))
+    base, compressed = compressed_stream(model, 30 * max(args.minutes), h, w, args.distinct, args.seed, args.setting,
+                                   progress=True)
 
     warm = assemble_prompt(model, compressed[:5], QUESTION)  # first-call costs out of the timings
     for _ in range(2):

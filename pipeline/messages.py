@@ -54,7 +54,7 @@ class RawWindow:
         return Timing(float(self.window.start), float(self.window.end), self.t0)
 
     def lag(self, now: float) -> float | None:
-        return lag_of(self.t0, self.window.end, now)
+        return self.timing.lag(now)
 
 
 @dataclass

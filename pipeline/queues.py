@@ -128,9 +128,6 @@ class StreamQueues(Generic[W]):
         self._forgotten.append(stream_id)
         return self._streams.pop(stream_id, None) is not None
 
-    def streams(self) -> list[str]:
-        return list(self._streams)
-
     # -- intake --
     def add(self, window: W) -> Added:
         """Queue one window under the policy (see the module's docstring)."""
