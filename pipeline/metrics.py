@@ -74,6 +74,9 @@ SPECS: tuple[MetricSpec, ...] = (
                "Items waiting in a bounded queue.", ("queue",)),
     MetricSpec("omnizip_encoder_batch_size", "histogram",
                "Windows per encoder call (several streams batched).", (), BATCH_BUCKETS),
+    MetricSpec("omnizip_stream_info", "gauge",
+               "1 for each stream, labelled with its name: dashboards join it on `stream` "
+               "(* on(stream) group_left(name)) to show names instead of ids.", ("stream", "name")),
 )
 _BY_NAME = {s.name: s for s in SPECS}
 
@@ -118,6 +121,13 @@ class _PromBackend:
     def observe(self, name: str, value: float, tags: Mapping[str, str]) -> None:
         self._child(name, tags).observe(value)
 
+    def drop(self, name: str, tags: Mapping[str, str]) -> None:
+        m = self.m[name]
+        try:
+            m.remove(*(tags[k] for k in _BY_NAME[name].labels))
+        except KeyError:
+            pass
+
     def forget(self, label: str, value: str) -> None:
         for s in SPECS:
             if label in s.labels:
@@ -156,6 +166,9 @@ class _RayBackend:
             if s.kind == "gauge" and s.labels == (label,):
                 self.m[s.name].set(0.0, tags={label: value})
 
+    def drop(self, name: str, tags: Mapping[str, str]) -> None:
+        self.m[name].set(0.0, tags=dict(tags))  # Ray cannot drop one series either: 0 = gone
+
 
 def _check(value: str, allowed: Sequence[str], what: str) -> str:
     if value not in allowed:
@@ -184,6 +197,8 @@ class Metrics:
         else:
             raise ValueError(f"backend must be 'prometheus' or 'ray', got {backend!r}")
         self.backend = backend
+        self._names: dict[str, str] = {}  # stream -> the name its info series carries
+        self._names_lock = threading.Lock()
 
     @property
     def registry(self) -> Any:
@@ -242,8 +257,28 @@ class Metrics:
     def observe_batch(self, size: int) -> None:
         self._b.observe("omnizip_encoder_batch_size", _num(size, "batch size", 1.0), {})
 
+    def stream_info(self, stream_id: str, name: str | None) -> None:
+        """``omnizip_stream_info{stream, name} = 1``: the stream's name, for dashboards to join on
+        (``* on(stream) group_left(name) omnizip_stream_info``). Call it when a stream is created
+        or re-attached; a new name replaces the old one (its series is dropped, or set to 0 under
+        Ray, which cannot drop a series: dashboards join on ``== 1``). ``None``: no name ("")."""
+        if not isinstance(stream_id, str) or not stream_id:
+            raise ValueError(f"stream_id must be a non-empty string, got {stream_id!r}")
+        label = "" if name is None else str(name)
+        with self._names_lock:
+            old = self._names.get(stream_id)
+            if old is not None and old != label:
+                self._b.drop("omnizip_stream_info", {"stream": stream_id, "name": old})
+            self._names[stream_id] = label
+            self._b.set("omnizip_stream_info", 1.0, {"stream": stream_id, "name": label})
+
     def forget_stream(self, stream: str) -> None:
-        """A deleted stream's series stop being exported (prometheus) or read 0 (ray)."""
+        """A deleted stream's series stop being exported (prometheus) or read 0 (ray), its
+        ``omnizip_stream_info`` included."""
+        with self._names_lock:
+            name = self._names.pop(stream, None)
+            if name is not None:
+                self._b.drop("omnizip_stream_info", {"stream": stream, "name": name})
         self._b.forget("stream", stream)
 
 

@@ -34,7 +34,7 @@ def exported():
 
 def test_specs_cover_issue_5_and_share_the_prefix():
     names = {s.name for s in pm.SPECS}
-    assert all(n.startswith("omnizip_") for n in names) and len(names) == len(pm.SPECS) == 12
+    assert all(n.startswith("omnizip_") for n in names) and len(names) == len(pm.SPECS) == 13
     kinds = {s.name: s.kind for s in pm.SPECS}
     assert kinds["omnizip_window_latency_seconds"] == "histogram"
     assert kinds["omnizip_answer_ttft_seconds"] == "histogram"
@@ -61,10 +61,11 @@ def test_every_helper_lands_in_the_scrape(exported):
     m.observe_answer(ttft_s=0.4, n_tokens=21, total_s=2.4)
     m.set_queue_depth("encoder-0", 3)
     m.observe_batch(4)
+    m.stream_info("cam1", "Lobby camera")
     got = scrape(port)
 
-    def v(name, **labels):
-        return got[(name, tuple(sorted(labels.items())))]
+    def v(metric, **labels):
+        return got[(metric, tuple(sorted(labels.items())))]
 
     assert v("omnizip_window_latency_seconds_count", stage="encode") == 2
     assert v("omnizip_window_latency_seconds_bucket", stage="encode", le="0.25") == 1
@@ -79,6 +80,7 @@ def test_every_helper_lands_in_the_scrape(exported):
     assert v("omnizip_answer_tokens_per_second_sum") == pytest.approx(10.0)  # 20 tokens in 2 s
     assert v("omnizip_queue_depth", queue="encoder-0") == 3
     assert v("omnizip_encoder_batch_size_bucket", le="4.0") == 1
+    assert v("omnizip_stream_info", stream="cam1", name="Lobby camera") == 1
     present = {name for name, _ in got}
     assert set(pm.exported_names()) <= present
 
@@ -92,6 +94,69 @@ def test_forget_stream_drops_its_series(exported):
     streams = {dict(labels).get("stream") for (name, labels) in scrape(port)
                if name.startswith("omnizip_") and "stream" in dict(labels)}
     assert streams == {"b"}
+
+
+def info_series(port: int, prefix: str = "") -> dict[tuple[str, str], float]:
+    """{(stream, name): value} of omnizip_stream_info in a scrape (Ray's labels left out)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out: dict[tuple[str, str], float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == prefix + "omnizip_stream_info":
+                key = (s.labels["stream"], s.labels.get("name", ""))
+                out[key] = max(out.get(key, 0.0), s.value)
+    return out
+
+
+def test_stream_info_names_streams_and_follows_renames(exported):
+    m, port = exported
+    m.stream_info("s1", "Lobby")
+    m.stream_info("s2", None)  # no name: exported with name=""
+    m.record_window("s1", {"audio": 10}, {"audio": 5})
+    assert info_series(port) == {("s1", "Lobby"): 1, ("s2", ""): 1}
+    m.stream_info("s1", "Lobby")  # re-attached with the same name: one series still
+    m.stream_info("s1", "Front door")  # renamed: the old name's series goes
+    assert info_series(port) == {("s1", "Front door"): 1, ("s2", ""): 1}
+    m.forget_stream("s1")
+    assert info_series(port) == {("s2", ""): 1}
+    assert not [k for k in scrape(port) if dict(k[1]).get("stream") == "s1"]
+    with pytest.raises(ValueError, match="stream_id"):
+        m.stream_info("", "x")
+
+
+def test_stream_info_under_ray_reads_zero_when_gone(ray_session):
+    """Ray cannot drop a series: a renamed or forgotten stream's info reads 0, the current name 1
+    (the dashboard joins on == 1). Recorded in an actor, read from the node's metrics agent."""
+    import time
+
+    import ray
+
+    @ray.remote(num_cpus=0.1)
+    class Namer:
+        def __init__(self):
+            from pipeline import metrics
+            self.m = metrics.get_metrics()
+
+        def run(self, *calls):
+            for name, args in calls:
+                getattr(self.m, name)(*args)
+            return self.m.backend
+
+    a = Namer.remote()
+    try:
+        assert ray.get(a.run.remote(("stream_info", ("ray-s1", "Lobby")), ("stream_info", ("ray-s2", "Gate")))) == "ray"
+        ray.get(a.run.remote(("stream_info", ("ray-s1", "Front door")), ("forget_stream", ("ray-s2",))))
+        want = {("ray-s1", "Lobby"): 0.0, ("ray-s1", "Front door"): 1.0, ("ray-s2", "Gate"): 0.0}
+        deadline = time.monotonic() + 30
+        while True:
+            got = {k: v for k, v in info_series(ray_session["metrics_port"], "ray_").items() if k[0].startswith("ray-s")}
+            if got == want or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert got == want
+    finally:
+        ray.kill(a)
 
 
 @pytest.mark.parametrize("call, match", [
