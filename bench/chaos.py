@@ -55,25 +55,27 @@ class ChaosRig:
     def __init__(self, workdir: Path, name: str = "chaos") -> None:
         import ray
 
+        from pipeline.config import ServiceConfig
+        from pipeline.runtime import ActorNames
         from pipeline.service import get_or_create_service
 
         self.dir, self.name = Path(workdir), name
         self.probe: dict[str, Any] = {}  # what a fault measured on the way (the API during an outage)
         self.redis = RedisServer(self.dir / "redis", extra_args=["--appendfsync", "everysec"])
         self.redis.start()
-        self.svc = get_or_create_service({"name": name, "redis_url": self.redis.url, "context_tokens": 8192,
-                                          "allow_sources": "lavfi,loopback", "torch_threads": 1})
+        self.config = {"name": name, "redis_url": self.redis.url, "context_tokens": 8192,
+                       "allow_sources": "lavfi,loopback", "torch_threads": 1}
+        self.names = ActorNames.of(ServiceConfig.coerce(self.config))  # the engine's actors' names
+        self.svc = get_or_create_service(self.config)
         deadline = time.monotonic() + 240
         while not ray.get(self.svc.health.remote(), timeout=240)["ok"]:
             assert time.monotonic() < deadline, "chaos engine not healthy"
             time.sleep(1)
 
     def close(self) -> None:
-        import ray
-
-        from pipeline.service import shutdown_service
+        from pipeline.service import shutdown_engine
         try:
-            shutdown_service(ray.get_actor(f"{self.name}-service", namespace="omnizip"))
+            shutdown_engine(self.config)
         finally:
             self.redis.stop()
 
@@ -172,23 +174,23 @@ class ChaosRig:
 # ---- the faults ---------------------------------------------------------------------------------
 def kill_ingest(rig: ChaosRig, ids: dict[str, str]) -> None:
     for sid in ids.values():
-        rig.signal(f"{rig.name}-ingest-{sid}", signal.SIGKILL)
+        rig.signal(rig.names.ingest(sid), signal.SIGKILL)
 
 
 def kill_encoder(rig: ChaosRig, ids: dict[str, str]) -> None:
-    rig.signal(f"{rig.name}-encoder-0", signal.SIGKILL)
+    rig.signal(rig.names.encoder(0), signal.SIGKILL)
 
 
 def kill_decoder(rig: ChaosRig, ids: dict[str, str]) -> None:
-    rig.signal(f"{rig.name}-decoder-0", signal.SIGKILL)
+    rig.signal(rig.names.decoder(0), signal.SIGKILL)
 
 
 def kill_engine(rig: ChaosRig, ids: dict[str, str]) -> None:
-    rig.signal(f"{rig.name}-service", signal.SIGKILL)
+    rig.signal(rig.names.service(), signal.SIGKILL)
 
 
 def stop_worker_5s(rig: ChaosRig, ids: dict[str, str]) -> None:
-    pid = rig.pid(f"{rig.name}-encoder-0")
+    pid = rig.pid(rig.names.encoder(0))
     os.kill(pid, signal.SIGSTOP)
     time.sleep(5)
     os.kill(pid, signal.SIGCONT)

@@ -59,6 +59,8 @@ def main() -> None:
     from tqdm import tqdm
 
     from pipeline.cli import start_ray
+    from pipeline.config import ServiceConfig
+    from pipeline.runtime import ActorNames
     from pipeline.service import get_or_create_service, shutdown_service
     from pipeline.store import open_store
 
@@ -67,9 +69,10 @@ def main() -> None:
     redis = RedisServer(work / "redis", extra_args=["--appendfsync", "everysec"])
     redis.start()
     name = f"soak-{os.getpid()}"
-    svc = get_or_create_service({"name": name, "redis_url": redis.url, "allow_sources": "lavfi",
-                                 "ingest_cpus": 0.02, "detached": False, "context_tokens": args.context_tokens,
-                                 "retention_windows": args.retention_windows})
+    config = {"name": name, "redis_url": redis.url, "allow_sources": "lavfi", "ingest_cpus": 0.02,
+              "detached": False, "context_tokens": args.context_tokens, "retention_windows": args.retention_windows}
+    names = ActorNames.of(ServiceConfig.coerce(config))
+    svc = get_or_create_service(config)
     while not ray.get(svc.health.remote(), timeout=300)["ok"]:
         time.sleep(1)
     seconds = int(args.minutes * 60)
@@ -77,9 +80,8 @@ def main() -> None:
            f"sine=f=440:sample_rate=16000,atrim=duration={seconds}[out1]")
     ids = [ray.get(svc.create_stream.remote({"source": src, "realtime": True, "backpressure": False}))["id"]
            for _ in range(args.streams)]
-    actors = {n: ray.get_actor(n, namespace="omnizip") for n in (f"{name}-encoder-0", f"{name}-decoder-0",
-                                                                 f"{name}-service")}
-    actors.update({f"ingest-{i}": ray.get_actor(f"{name}-ingest-{s}", namespace="omnizip") for i, s in enumerate(ids)})
+    actors = {n: ray.get_actor(n, namespace="omnizip") for n in (names.encoder(0), names.decoder(0), names.service())}
+    actors.update({f"ingest-{i}": ray.get_actor(names.ingest(s), namespace="omnizip") for i, s in enumerate(ids)})
     pids = {n: ray.get(h.__ray_call__.remote(lambda self: os.getpid())) for n, h in actors.items()}
     rss: dict[str, list[float]] = {n: [] for n in pids}
     redis_mem: list[float] = []

@@ -22,8 +22,8 @@ class ServiceConfig:
     device: str = "cpu"
     dtype: str | None = None
     redis_url: str | None = None  # None -> in-process store hosted in one actor
-    encoder_workers: int = 1
-    decoder_actors: int = 1
+    encoder_workers: int = 1  # the encoder pool's size at least (pipeline.pool grows it with load)
+    decoder_actors: int = 1  # the decoder pool's size at least
     max_batch: int = 8  # windows of several streams batched in one encoder call
     queue_windows: int = 8  # bounded queue per stream, in each stage
     behind_policy: str = "drop_oldest"  # or "compress_harder"
@@ -39,6 +39,12 @@ class ServiceConfig:
     ingest_cpus: float = 0.1
     torch_threads: int | None = None  # torch threads in each model actor (None: Ray's default)
     detached: bool = True  # actors outlive their creator (a Serve replica, a driver)
+    # --- the elastic pools (pipeline.pool): sizes between the minimum above and these ---
+    max_encoder_workers: int | None = None  # None: encoder_workers (a fixed pool)
+    max_decoder_actors: int | None = None  # None: decoder_actors
+    streams_per_worker: int = 8  # a pool member's share of streams before the pool grows
+    scale_interval_s: float = 5.0  # how often the pools' load is looked at
+    scale_down_after_s: float = 60.0  # a pool shrinks after this long with a member to spare
     # --- limits (docs/security.md) ---
     max_streams: int = 64  # running streams in all
     max_streams_per_key: int = 16  # running streams of one API key (tenant)
@@ -54,14 +60,21 @@ class ServiceConfig:
     def __post_init__(self) -> None:
         for name in ("encoder_workers", "decoder_actors", "max_batch", "queue_windows", "context_tokens",
                      "max_streams", "max_streams_per_key", "max_context_tokens", "max_questions_per_stream",
-                     "store_buffer_windows"):
+                     "store_buffer_windows", "streams_per_worker"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"ServiceConfig.{name} must be an integer >= 1, got {v!r}")
         if self.behind_policy not in BEHIND_POLICIES:
             raise ValueError(f"ServiceConfig.behind_policy must be one of {list(BEHIND_POLICIES)}, "
                              f"got {self.behind_policy!r}")
-        for name in ("max_lag_s", "cpus_per_actor", "gpus_per_actor", "ingest_cpus"):
+        for name, low in (("max_encoder_workers", self.encoder_workers), ("max_decoder_actors", self.decoder_actors)):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+                raise ValueError(f"ServiceConfig.{name} must be an integer >= the pool's minimum ({low}), got {v!r}")
+        if str(self.device).lower() not in ("cpu", "cuda", "auto") and not str(self.device).startswith("cuda:"):
+            raise ValueError(f"ServiceConfig.device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
+        for name in ("max_lag_s", "cpus_per_actor", "gpus_per_actor", "ingest_cpus", "scale_interval_s",
+                     "scale_down_after_s"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
                 raise ValueError(f"ServiceConfig.{name} must be a number >= 0, got {v!r}")
@@ -86,7 +99,8 @@ class ServiceConfig:
                     kw[f.name] = None
                 elif isinstance(default, bool):
                     kw[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
-                elif isinstance(default, int) or f.name in ("retention_windows", "torch_threads"):
+                elif isinstance(default, int) or f.name in ("retention_windows", "torch_threads", "max_encoder_workers",
+                                                             "max_decoder_actors"):
                     kw[f.name] = int(raw)
                 elif isinstance(default, float) or f.name == "retention_s":
                     kw[f.name] = float(raw)
@@ -116,6 +130,22 @@ class ServiceConfig:
         if shown["redis_url"]:
             shown["redis_url"] = redact(shown["redis_url"])
         return f"ServiceConfig({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+    def engine_hash(self) -> str:
+        """8 hex digits naming this exact configuration: part of every engine actor's name, so a
+        redeploy with another model or setting starts a new engine (and retires the old one)
+        instead of silently reusing actors built for the old settings."""
+        import hashlib
+        import json
+
+        doc = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
+        return hashlib.sha256(doc.encode()).hexdigest()[:8]
+
+    def pool_bounds(self, kind: str) -> tuple[int, int]:
+        """(least, most) members of the ``encoder`` or ``decoder`` pool."""
+        low, high = ((self.encoder_workers, self.max_encoder_workers) if kind == "encoder"
+                     else (self.decoder_actors, self.max_decoder_actors))
+        return low, (low if high is None else high)
 
     def source_policy(self) -> Any:
         """The SourcePolicy every source of this engine is checked against (on create and on

@@ -5,7 +5,9 @@ Its loop is take -> run -> emit like the encoder's: the scheduler (pipeline.queu
 window at a time round-robin over streams (dropping what fell too far behind live), the window is
 prefilled into its stream's context, and the stream's lag and latency are recorded. A restarted
 decoder rebuilds a stream's context from the stored windows the first time the stream is touched;
-windows whose push was lost are read back from the store.
+windows whose push was lost are read back from the store. A stream moved here from another
+decoder of the pool (pipeline.pool) is rebuilt the same way; the record's ``decoder`` names the
+one decoder that holds a stream's context.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pipeline.messages import AnswerEnd, AnswerStart, CompressedItem, Timing, la
 from pipeline.metrics import get_metrics
 from pipeline.queues import Added, StreamQueues
 from pipeline.records import StreamRecord
-from pipeline.runtime import StoreRef, use_threads
+from pipeline.runtime import StoreRef, resolve_device, use_threads
 from pipeline.stats import DecoderStats
 from pipeline.store import StreamNotFound
 
@@ -57,10 +59,12 @@ class DecoderActor:
 
         use_threads(config.torch_threads)
         self.name = name
+        self.index = int(name.rsplit("-", 1)[1])  # its place in the pool, as stream records name it
         self.cfg = config
         self.store = store.connect()
         self.metrics = get_metrics()
-        self.model = load_model(config.model, config.device, config.dtype)
+        self.device = resolve_device(config.device)
+        self.model = load_model(config.model, self.device, config.dtype)
         self.queues: StreamQueues[CompressedItem] = StreamQueues(config.queue_policy("decoder"),
                                                                  on_drop=self._on_drop)
         self.streams: dict[str, _Stream] = {}
@@ -83,6 +87,8 @@ class DecoderActor:
             from omnizip.models.rolling import RollingContext
 
             rec = StreamRecord.from_dict(self.store.get_stream(sid))
+            if rec.decoder != self.index:  # a late push or question for a stream moved elsewhere
+                raise StreamNotFound(f"stream {sid!r} is held by decoder {rec.decoder}, not {self.index}")
             ctx = RollingContext(self.model, budget_tokens=rec.settings.context_tokens,
                                  system_prompt=self.cfg.system_prompt)
             st = _Stream(ctx)
@@ -248,6 +254,18 @@ class DecoderActor:
             self.queues.forget(stream_id)
             return self.streams.pop(stream_id, None) is not None
 
+    def release(self, stream_id: str) -> bool:
+        """The stream's context moved to another decoder (its record says which): unload it here
+        once a question or append in progress is done; it may come back later."""
+        st = self.streams.get(stream_id)
+        with self._init_lock:
+            if st is not None:
+                with st.lock:
+                    pass
+            with self.cond:
+                self.queues.close(stream_id)
+                return self.streams.pop(stream_id, None) is not None
+
     def stats(self, stream_id: str) -> DecoderStats:
         try:
             st = self._stream(stream_id)
@@ -267,7 +285,13 @@ class DecoderActor:
         return list(st.latencies) if st is not None else []
 
     def health(self) -> dict:
-        return {"name": self.name, "streams": len(self.streams), "rebuilds": self.rebuilds, "ok": True}
+        """Liveness and load: streams held, live windows waiting and their worst lag behind live
+        (what the pool scales on; pipeline.pool)."""
+        with self.cond:
+            waiting, lag = self.queues.live_load(time.time())
+            return {"name": self.name, "streams": len(self.streams), "rebuilds": self.rebuilds, "ok": True,
+                    "queue": waiting, "lag_s": lag, "device": self.device,
+                    "node": ray.get_runtime_context().get_node_id()}
 
     def ping(self) -> bool:
         return True

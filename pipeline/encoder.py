@@ -1,4 +1,5 @@
-"""The encoder worker: the model runner of the engine. Streams are pinned to one worker; windows
+"""The encoder worker: the model runner of the engine. A stream is on one worker at a time (its
+record's ``worker``, an index into the engine's elastic pool, pipeline.pool); windows
 of several streams are batched into one ``encode_windows`` call, each window is compressed by
 its stream's compression method (omnizip.METHODS) and written to the store together with the
 method's state, then sent to the stream's decoder.
@@ -6,7 +7,8 @@ method's state, then sent to the stream's decoder.
 One step of the loop is take -> run -> emit: the scheduler (pipeline.queues) hands out a
 round-robin batch (dropping or flagging ``harder`` what fell behind live), the model encodes it,
 and the finished windows are stored and forwarded. A restarted worker resumes each stream's
-compressor from the state stored with its last window.
+compressor from the state stored with its last window, and so does the worker a stream is
+moved to (``release`` on the old one makes everything it accepted durable first).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pipeline.messages import CompressedItem, RawWindow, SubmitReply, Timing
 from pipeline.metrics import get_metrics
 from pipeline.queues import Added, StreamQueues, Taken
 from pipeline.records import StreamRecord
-from pipeline.runtime import StoreRef, use_threads
+from pipeline.runtime import ActorNames, StoreRef, lookup, resolve_device, use_threads
 from pipeline.stats import EncoderStats, TokenCounts
 from pipeline.store import StreamNotFound
 from pipeline.store_writer import PendingWrite, StoreWriter
@@ -60,19 +62,25 @@ class _Stream:
     ending: bool = False  # the source ended: flush the windows held back by the lookahead
 
 
+_MOVED = object()  # _stream's answer for a stream whose record names another worker
+
+
 class EncoderWorker:
     """Encodes and compresses windows of the streams pinned to it, several streams per batch."""
 
-    def __init__(self, name: str, config: ServiceConfig, decoders: list, store: StoreRef) -> None:
+    def __init__(self, name: str, config: ServiceConfig, store: StoreRef) -> None:
         from omnizip.models import load_model
 
         use_threads(config.torch_threads)
         self.name = name
+        self.index = int(name.rsplit("-", 1)[1])  # its place in the pool, as stream records name it
         self.cfg = config
-        self.decoders = decoders
+        self.names = ActorNames.of(config)
+        self._decoders: dict[int, Any] = {}  # pool index -> handle, looked up by name
         self.store = store.connect()
         self.metrics = get_metrics()
-        self.model = load_model(config.model, config.device, config.dtype)
+        self.device = resolve_device(config.device)
+        self.model = load_model(config.model, self.device, config.dtype)
         self.queues: StreamQueues[RawWindow] = StreamQueues(config.queue_policy("encoder"),
                                                             on_drop=lambda sid, i, why: self.metrics.drop_window(sid, why))
         self.streams: dict[str, _Stream] = {}
@@ -98,6 +106,8 @@ class EncoderWorker:
             st = self._stream(item.stream_id)
             if st is None:
                 return SubmitReply(Added.UNKNOWN, self.incarnation, -1)
+            if st is _MOVED:
+                return SubmitReply(SubmitReply.MOVED, self.incarnation, -1)
             if expect is not None and expect != self.incarnation:
                 return self._reply(item.stream_id, SubmitReply.RESTARTED)
             if st.restored:  # windows the producer could not resend: never compressed, counted here
@@ -119,25 +129,33 @@ class EncoderWorker:
         if st is None:
             return False
         try:
-            backlog = ray.get(self.decoders[st.decoder].backlog.remote(sid), timeout=30)
-        except Exception:  # a decoder being restarted: let the window through (it will be queued)
+            backlog = ray.get(self._decoder(st.decoder).backlog.remote(sid), timeout=30)
+        except Exception:  # a decoder being restarted or moved: let the window through (it will be queued)
+            self._decoders.pop(st.decoder, None)
             return False
         return backlog >= self.cfg.queue_windows
 
     @ray.method(concurrency_group="intake", max_task_retries=-1)
-    def finish(self, stream_id: str) -> bool:
-        """The stream's source ended: windows held back by its lookahead are flushed after its queue."""
+    def finish(self, stream_id: str, expect: str | None = None) -> SubmitReply:
+        """The stream's source ended: windows held back by its lookahead are flushed after its
+        queue. Answered like ``submit``: RESTARTED (another incarnation than ``expect``: resend
+        what is not durable, then finish again), MOVED, UNKNOWN, or OK."""
         with self.cond:
             st = self._stream(stream_id)
             if st is None:
-                return False
+                return SubmitReply(Added.UNKNOWN, self.incarnation, -1)
+            if st is _MOVED:
+                return SubmitReply(SubmitReply.MOVED, self.incarnation, -1)
+            if expect is not None and expect != self.incarnation:
+                return self._reply(stream_id, SubmitReply.RESTARTED)
             st.ending = True
             self.cond.notify()
-        return True
+        return self._reply(stream_id, Added.OK)
 
-    def _stream(self, sid: str) -> _Stream | None:
-        """The stream's state; first sight (or a restarted worker) loads its settings and the
-        method's state from the store. None when the store does not know the stream."""
+    def _stream(self, sid: str) -> Any:
+        """The stream's state; first sight (a new stream, a restarted worker, a stream moved here)
+        loads its settings and the method's state from the store. None when the store does not
+        know the stream; ``_MOVED`` when its record names another worker."""
         st = self.streams.get(sid)
         if st is not None or self.queues.was_forgotten(sid):
             return st
@@ -149,6 +167,8 @@ class EncoderWorker:
             rec = StreamRecord.from_dict(self.store.get_stream(sid))
         except StreamNotFound:
             return None
+        if rec.worker != self.index:
+            return _MOVED
         s = rec.settings
         st = _Stream(make_method(s.method, s.config(), lookahead=s.lookahead), rec.decoder, rec.backpressure)
         st.stats.decoder = rec.decoder
@@ -267,7 +287,17 @@ class EncoderWorker:
             self.writer.write(PendingWrite(sid, cw.index, payload, timing.start, timing.end, fields,
                                            state if last else None, st.stats.last_pushed if last else None))
             st.stats.last_stored = cw.index
-            self.decoders[st.decoder].push.remote(CompressedItem(sid, cw.index, timing, payload, st.backpressure))
+            try:
+                self._decoder(st.decoder).push.remote(CompressedItem(sid, cw.index, timing, payload, st.backpressure))
+            except Exception:  # the decoder left the pool: the one the stream moves to reads the store
+                self._decoders.pop(st.decoder, None)
+
+    def _decoder(self, index: int) -> Any:
+        """Decoder ``index`` of the engine's pool, looked up by name once (ValueError while gone)."""
+        h = self._decoders.get(index)
+        if h is None:
+            h = self._decoders[index] = lookup(self.names.decoder(index))
+        return h
 
     def _on_durable(self, sid: str, covers: int) -> None:
         with self.cond:
@@ -290,6 +320,35 @@ class EncoderWorker:
         self.metrics.set_queue_depth(f"encoder:{self.name}", self.queues.depth())
 
     # -- control --
+    def redirect(self, stream_id: str, decoder: int) -> bool:
+        """The stream's context moved to decoder ``decoder``: send its next windows there."""
+        with self.cond:
+            st = self.streams.get(stream_id)
+            if st is None:
+                return False
+            st.decoder = st.stats.decoder = int(decoder)
+        return True
+
+    def release(self, stream_id: str, timeout_s: float = 30.0) -> int:
+        """Hand the stream over (its record already names the worker it moves to): windows still
+        queued are dropped uncounted (the producer holds them until durable and resends them to
+        the new worker), the batch in flight finishes, the store writes land; then the stream is
+        unloaded here. Returns the newest index whose effects are durable."""
+        deadline = time.monotonic() + timeout_s
+        with self.cond:
+            st = self.streams.get(stream_id)
+            if st is None:
+                return -1
+            self.queues.clear(stream_id)
+            while self.queues.in_flight(stream_id) and time.monotonic() < deadline:
+                self.cond.wait(0.05)
+        while self.writer.waiting(stream_id) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with self.cond:
+            self.queues.close(stream_id)
+            self.streams.pop(stream_id, None)
+        return st.stats.durable
+
     def forget(self, stream_id: str) -> bool:
         """Drop everything of a deleted stream (queue, compressor)."""
         self.writer.forget(stream_id)
@@ -308,9 +367,13 @@ class EncoderWorker:
                                        tokens=dataclasses.replace(st.stats.tokens), drops=self.queues.drops(stream_id))
 
     def health(self) -> dict:
+        """Liveness and load: streams held, live windows waiting and their worst lag behind live
+        (what the pool scales on; pipeline.pool)."""
         with self.cond:
+            waiting, lag = self.queues.live_load(time.time())
             return {"name": self.name, "streams": len(self.streams), "batches": self.batches,
-                    "queue": self.queues.depth(), "ok": True}
+                    "queue": waiting, "lag_s": lag, "ok": True, "device": self.device,
+                    "node": ray.get_runtime_context().get_node_id()}
 
     def ping(self) -> bool:
         return True

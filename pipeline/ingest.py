@@ -13,6 +13,10 @@ No accepted window is lost to a crash:
 - it keeps every window it sent until the encoder reports it durable (stored, or held in the
   stored method state); when the encoder is a new incarnation (it restarted), those windows are
   resent in order before anything new.
+The stream's encoder worker is the one its record names (``worker``, an index into the engine's
+pool, pipeline.pool): when the engine moves the stream (a worker joined, left or was lost) this
+actor is told, or finds out from a ``moved`` reply or a dead worker, and re-reads the record; the
+new worker continues from the store like a restarted one.
 A stream is ``failed`` only when its source fails by its own reconnect policy. No torch import.
 """
 
@@ -31,7 +35,7 @@ from pipeline.messages import RawWindow, SubmitReply
 from pipeline.metrics import get_metrics
 from pipeline.queues import Added
 from pipeline.records import StreamRecord
-from pipeline.runtime import StoreRef
+from pipeline.runtime import ActorNames, StoreRef, lookup
 from pipeline.stats import IngestStats
 
 __all__ = ["IngestActor"]
@@ -45,10 +49,10 @@ WORKER_WAIT_S = 120.0  # how long a window waits for a restarting encoder before
 class IngestActor:
     """Reads one source into AVWindows and submits each to the stream's encoder worker."""
 
-    def __init__(self, record: StreamRecord, worker: Any, store: StoreRef, policy: Any = None,
+    def __init__(self, record: StreamRecord, names: ActorNames, store: StoreRef, policy: Any = None,
                  retain: int = 32) -> None:
         self.sid = record.id
-        self.worker = worker
+        self.names = names
         self.store = store.connect(fail_fast=True)  # progress is informative: never stall the source on it
         self.policy = policy  # pipeline.source_policy.SourcePolicy: checked on open and every reconnect
         self.metrics = get_metrics()
@@ -56,6 +60,8 @@ class IngestActor:
         self.st = IngestStats.from_dict(self.rec.extra.get("progress"))  # a restarted actor continues
         self.st.status, self.st.done = ("starting" if self.st.windows_total == 0 else "reconnecting"), False
         self.resume_at = self._durable_through() + 1
+        self.worker_index = self.rec.worker
+        self.worker: Any = None  # resolved by name on first use (pipeline.runtime.lookup)
         self.retained: deque[RawWindow] = deque(maxlen=max(4, int(retain)))
         self.incarnation: str | None = None
         self.last_arrival: float | None = None
@@ -124,7 +130,7 @@ class IngestActor:
                 prev = time.time()
             src.close()
             if not self._stop.is_set():
-                ray.get(self.worker.finish.remote(self.sid), timeout=WORKER_WAIT_S)
+                self._finish()
                 self._set_status("ended")
         except Exception as exc:  # a failing stream never takes another down: it reports and stops
             log.warning("stream %s failed: %s", self.sid, exc)
@@ -153,42 +159,102 @@ class IngestActor:
 
     # -- the hand-over --
     def _submit(self, item: RawWindow) -> None:
-        """Send one window; after an encoder restart, first resend what it had not made durable."""
+        """Send one window; after an encoder restart or a move, first resend what it had not made durable."""
         self.retained.append(item)
-        reply = self._send(item)
-        while reply is not None and reply.added == SubmitReply.RESTARTED:
-            self.incarnation = reply.incarnation  # a new encoder: resend, in order, from its durable point
-            log.warning("stream %s: encoder restarted; resending windows after %d", self.sid, reply.durable_through)
-            for old in [w for w in self.retained if w.index > reply.durable_through]:
-                reply = self._send(old)
-                if reply is None or reply.added == SubmitReply.RESTARTED:
-                    break
+        reply = self._resend_if_new(self._send(item))
         if reply is None:  # the encoder did not come back in time: the window is lost, counted
             self.st.drops["error"] = self.st.drops.get("error", 0) + 1
             self.metrics.drop_window(self.sid, "error")
             return
+        self._settle(reply)
+
+    def _resend_if_new(self, reply: SubmitReply | None) -> SubmitReply | None:
+        """While the encoder answers RESTARTED (a new incarnation: restarted, or the worker the
+        stream moved to), resend, in order, the retained windows after its durable point."""
+        while reply is not None and reply.added == SubmitReply.RESTARTED:
+            self.incarnation = reply.incarnation
+            log.warning("stream %s: new encoder incarnation; resending windows after %d", self.sid,
+                        reply.durable_through)
+            pending = [w for w in self.retained if w.index > reply.durable_through]
+            reply = SubmitReply(Added.OK, reply.incarnation, reply.durable_through)
+            for old in pending:
+                reply = self._send(old)
+                if reply is None or reply.added == SubmitReply.RESTARTED:
+                    break
+        return reply
+
+    def _settle(self, reply: SubmitReply) -> None:
         self.incarnation = reply.incarnation
         while self.retained and self.retained[0].index <= reply.durable_through:
             self.retained.popleft()
 
     def _send(self, item: RawWindow) -> SubmitReply | None:
         """One submit, waiting while the stream's queue is full (backpressure) or its encoder is
-        restarting; None if the encoder stays away longer than WORKER_WAIT_S."""
+        restarting or being changed; None if no encoder takes it within WORKER_WAIT_S."""
         deadline = time.monotonic() + WORKER_WAIT_S
         while not self._stop.is_set():
             try:
-                reply = ray.get(self.worker.submit.remote(item, self.incarnation), timeout=60)
-            except Exception as exc:  # the encoder died: Ray restarts it; keep the window meanwhile
+                reply = ray.get(self._worker().submit.remote(item, self.incarnation), timeout=60)
+            except Exception as exc:  # the encoder died or left: Ray restarts it, or the engine moves
+                # the stream; keep the window meanwhile and ask the record where the stream is now
                 if time.monotonic() > deadline:
                     log.warning("stream %s: window %d: encoder unavailable: %s", self.sid, item.index, exc)
                     return None
                 time.sleep(0.5)
+                self._follow_record()
                 continue
             if reply.added == Added.FULL:
                 time.sleep(0.05)
                 continue
+            if reply.added == SubmitReply.MOVED:  # handed to another worker: the record says which
+                time.sleep(0.1)
+                self._follow_record()
+                continue
             return reply
         return None
+
+    def _worker(self) -> Any:
+        if self.worker is None:
+            self.worker = lookup(self.names.encoder(self.worker_index))  # ValueError while it is gone
+        return self.worker
+
+    def _follow_record(self) -> None:
+        """Re-read which worker the stream's record names (the engine moved it, or the old one is gone)."""
+        try:
+            self.retarget(StreamRecord.from_dict(self.store.get_stream(self.sid)).worker)
+        except Exception:  # the store is away: try the same worker again
+            pass
+
+    def _finish(self) -> None:
+        """Tell the stream's worker the source ended (its lookahead is flushed), after resending
+        what a restarted or new worker lacks; follows a move."""
+        deadline = time.monotonic() + WORKER_WAIT_S
+        while time.monotonic() < deadline and not self._stop.is_set():
+            try:
+                reply = ray.get(self._worker().finish.remote(self.sid, self.incarnation), timeout=60)
+            except Exception:
+                time.sleep(0.5)
+                self._follow_record()
+                continue
+            if reply.added == SubmitReply.RESTARTED:
+                reply = self._resend_if_new(reply)
+                if reply is not None:
+                    self._settle(reply)
+                continue
+            if reply.added == SubmitReply.MOVED:
+                time.sleep(0.1)
+                self._follow_record()
+                continue
+            return
+        if not self._stop.is_set():
+            raise TimeoutError(f"no encoder worker took the end of stream {self.sid}")
+
+    def retarget(self, worker_index: int) -> bool:
+        """The engine moved the stream to pool member ``worker_index``: windows go there from the
+        next one on (it answers ``restarted``, so what was not durable is resent first)."""
+        if worker_index != self.worker_index or self.worker is None:
+            self.worker_index, self.worker = int(worker_index), None
+        return True
 
     # -- queries --
     def stats(self) -> IngestStats:

@@ -93,7 +93,8 @@ class AnswerEnd:
 class SubmitReply:
     """The encoder's answer to a submitted window: what became of it (pipeline.queues.Added, or
     "restarted" when the encoder is not the incarnation the producer last spoke to: nothing was
-    queued, the producer resends what was not durable yet), the encoder's incarnation, and the
+    queued, the producer resends what was not durable yet; "moved" when the stream was handed to
+    another worker), the encoder's incarnation, and the
     newest index of the stream whose effects are durable in the store (stored, or held in the
     stored method state)."""
 
@@ -102,3 +103,4 @@ class SubmitReply:
     durable_through: int
 
     RESTARTED = "restarted"
+    MOVED = "moved"  # the stream is no longer on this worker: ask the record where it went

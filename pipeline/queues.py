@@ -123,6 +123,20 @@ class StreamQueues(Generic[W]):
     def was_forgotten(self, stream_id: str) -> bool:
         return stream_id in self._forgotten
 
+    def clear(self, stream_id: str) -> int:
+        """Empty the stream's queue without counting drops (the stream is being handed to another
+        stage instance, which gets the windows again); how many were queued."""
+        st = self._streams.get(stream_id)
+        if st is None:
+            return 0
+        n = len(st.queue)
+        st.queue.clear()
+        return n
+
+    def close(self, stream_id: str) -> bool:
+        """Stop holding a stream that moved elsewhere; unlike ``forget`` it may be opened again."""
+        return self._streams.pop(stream_id, None) is not None
+
     def forget(self, stream_id: str) -> bool:
         """Drop a stream and everything queued for it (not counted: the stream is gone)."""
         self._forgotten.append(stream_id)
@@ -231,6 +245,14 @@ class StreamQueues(Generic[W]):
             return sum(len(st.queue) for st in self._streams.values())
         st = self._streams.get(stream_id)
         return len(st.queue) if st is not None else 0
+
+    def live_load(self, now: float) -> tuple[int, float]:
+        """(windows waiting that cannot wait, the worst lag behind live among them): the load an
+        elastic pool scales on. Backpressure windows are left out: a file read as fast as the
+        model allows always has a full queue, which is not a reason for another worker."""
+        waiting = [w for st in self._streams.values() for w in st.queue if not w.backpressure]
+        lags = [lag for lag in (w.lag(now) for w in waiting) if lag is not None]
+        return len(waiting), max(lags, default=0.0)
 
     def backlog(self, stream_id: str) -> int:
         """Waiting plus in flight: what a producer checks before sending more."""

@@ -13,8 +13,9 @@ import ray
 from pipeline.config import ServiceConfig
 from pipeline.store import Retention, StreamStore, open_store
 
-__all__ = ["NAMESPACE", "RemoteStore", "StoreRef", "ActorNames", "start_decoder", "start_encoder",
-           "start_ingest", "store_actor", "use_threads"]
+__all__ = ["NAMESPACE", "ON_HEAD", "RemoteStore", "StoreRef", "ActorNames", "lookup", "model_resources",
+           "resolve_device", "start_decoder", "start_encoder", "start_ingest", "store_actor", "use_threads",
+           "wants_gpu"]
 
 NAMESPACE = "omnizip"
 
@@ -63,7 +64,7 @@ def store_actor(retention: Retention, detached: bool = True, name: str = "omnizi
     from pipeline.store import MemoryStore
 
     opts: dict[str, Any] = dict(name=name, namespace=NAMESPACE, get_if_exists=True, num_cpus=0,
-                                max_concurrency=16)
+                                max_concurrency=16, **ON_HEAD)
     if detached:
         opts["lifetime"] = "detached"
     return ray.remote(MemoryStore).options(**opts).remote(retention)
@@ -71,15 +72,22 @@ def store_actor(retention: Retention, detached: bool = True, name: str = "omnizi
 
 @dataclass(frozen=True)
 class ActorNames:
-    """The names of one engine's actors, from its config's ``name`` prefix."""
+    """The names of one engine's actors. ``prefix`` is "<config.name>-<config hash>" (``of``):
+    a changed config is another engine with other names. The store actor is named by
+    ``config.name`` alone: the streams' data outlives any one engine."""
 
     prefix: str
+    base: str = ""
+
+    @classmethod
+    def of(cls, config: ServiceConfig) -> "ActorNames":
+        return cls(f"{config.name}-{config.engine_hash()}", config.name)
 
     def service(self) -> str:
         return f"{self.prefix}-service"
 
     def store(self) -> str:
-        return f"{self.prefix}-store"
+        return f"{self.base or self.prefix}-store"
 
     def encoder(self, i: int) -> str:
         return f"{self.prefix}-encoder-{i}"
@@ -90,6 +98,14 @@ class ActorNames:
     def ingest(self, stream_id: str) -> str:
         return f"{self.prefix}-ingest-{stream_id}"
 
+    def is_other_engine(self, actor_name: str) -> bool:
+        """Whether ``actor_name`` is the service actor of another engine of the same config name
+        (an older deployment this one replaces)."""
+        import re
+
+        return bool(re.fullmatch(re.escape(self.base) + r"-[0-9a-f]{8}-service", actor_name)) \
+            and actor_name != self.service()
+
 
 def use_threads(n: int | None) -> None:
     """Torch threads in a model actor (None: leave Ray's default)."""
@@ -99,11 +115,40 @@ def use_threads(n: int | None) -> None:
         torch.set_num_threads(int(n))
 
 
-def _resources(config: ServiceConfig) -> dict[str, Any]:
-    """num_gpus when the model runs on CUDA and the cluster has GPUs, else a fraction of a CPU."""
-    if str(config.device).startswith("cuda") and ray.cluster_resources().get("GPU", 0) > 0:
-        return {"num_gpus": config.gpus_per_actor, "num_cpus": 0}
-    return {"num_cpus": config.cpus_per_actor}
+def resolve_device(device: str) -> str:
+    """The device a model actor uses, decided where it runs: ``auto`` is cuda when Ray gave
+    this actor a GPU (and torch sees it), else cpu; anything else as configured."""
+    if str(device).lower() != "auto":
+        return device
+    try:
+        import torch
+
+        return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+    except Exception:  # outside Ray (tests, tools)
+        return "cpu"
+
+
+def wants_gpu(config: ServiceConfig) -> bool:
+    """Whether a model actor asks Ray for a GPU: always for ``cuda`` (so Ray's autoscaler and
+    KubeRay add a GPU node when none is free), for ``auto`` when the cluster has GPUs now (asked
+    again for every new pool member, so GPU nodes that joined since are used)."""
+    device = str(config.device).lower()
+    if device.startswith("cuda"):
+        return True
+    return device == "auto" and ray.cluster_resources().get("GPU", 0) > 0
+
+
+def model_resources(config: ServiceConfig) -> dict[str, Any]:
+    """What an encoder worker or decoder asks Ray for; spread over the nodes, so a pool's
+    members land on different workers and one node's loss takes only its share."""
+    res: dict[str, Any] = ({"num_gpus": config.gpus_per_actor, "num_cpus": 0} if wants_gpu(config)
+                           else {"num_cpus": config.cpus_per_actor})
+    return {**res, "scheduling_strategy": "SPREAD"}
+
+
+#: the control actors (service, in-process store) live on the head node: it is the cluster's
+#: lifetime anyway (GCS), and a worker node's loss never takes the front door with it
+ON_HEAD: dict[str, Any] = {"resources": {"node:__internal_head__": 0.001}}
 
 
 def _named(name: str, config: ServiceConfig) -> dict[str, Any]:
@@ -117,23 +162,28 @@ def start_decoder(name: str, config: ServiceConfig, store: StoreRef) -> Any:
     from pipeline.decoder import DecoderActor
 
     cls = ray.remote(concurrency_groups={"intake": 1})(DecoderActor)
-    return cls.options(**_named(name, config), **_resources(config), max_concurrency=16, max_restarts=-1,
+    return cls.options(**_named(name, config), **model_resources(config), max_concurrency=16, max_restarts=-1,
                        max_task_retries=-1).remote(name, config, store)
 
 
-def start_encoder(name: str, config: ServiceConfig, decoders: list, store: StoreRef) -> Any:
+def start_encoder(name: str, config: ServiceConfig, store: StoreRef) -> Any:
     from pipeline.encoder import EncoderWorker
 
     cls = ray.remote(concurrency_groups={"intake": 1})(EncoderWorker)
-    return cls.options(**_named(name, config), **_resources(config), max_concurrency=8, max_restarts=-1,
-                       max_task_retries=-1).remote(name, config, decoders, store)
+    return cls.options(**_named(name, config), **model_resources(config), max_concurrency=8, max_restarts=-1,
+                       max_task_retries=-1).remote(name, config, store)
 
 
-def start_ingest(name: str, record: Any, worker: Any, config: ServiceConfig, store: StoreRef) -> Any:
+def start_ingest(name: str, record: Any, config: ServiceConfig, store: StoreRef) -> Any:
     from pipeline.ingest import IngestActor
 
     # restarted by Ray on death; it resumes from its progress in the store (pipeline.ingest)
     retain = config.queue_windows + config.max_batch + 8  # what an encoder can hold that is not durable yet
-    return ray.remote(IngestActor).options(**_named(name, config), num_cpus=config.ingest_cpus,
-                                           max_restarts=-1).remote(record, worker, store, config.source_policy(),
-                                                                   retain)
+    return ray.remote(IngestActor).options(**_named(name, config), num_cpus=config.ingest_cpus, max_restarts=-1,
+                                           scheduling_strategy="SPREAD").remote(
+        record, ActorNames.of(config), store, config.source_policy(), retain)
+
+
+def lookup(name: str) -> Any:
+    """A named actor of the engine's namespace; ValueError when there is none."""
+    return ray.get_actor(name, namespace=NAMESPACE)

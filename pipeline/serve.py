@@ -22,6 +22,7 @@ ValueError from the engine (e.g. an unsupported source scheme), 503 engine unava
 come from the environment (``ServiceConfig.from_env``). Tests and the CLI use :func:`build_app`.
 """
 
+import asyncio
 import json
 import logging
 import time
@@ -205,19 +206,12 @@ class _Answer:
 # --- the deployment ----------------------------------------------------------------------------
 
 def _service_config(config: Any) -> Any:
-    """The engine's settings: from the environment when none are given (``serve run``), with
-    device ``auto`` (the deploy files' default) resolved here: cuda when the cluster has GPUs."""
-    import dataclasses
-
-    import ray
-
+    """The engine's settings: from the environment when none are given (``serve run``). Device
+    ``auto`` (the deploy files' default) stays as it is: each model actor resolves it where it
+    runs (pipeline.runtime.resolve_device)."""
     from pipeline.service import ServiceConfig
 
-    cfg = ServiceConfig.from_env() if config is None else ServiceConfig.coerce(config)
-    if str(cfg.device).lower() == "auto":
-        gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
-        cfg = dataclasses.replace(cfg, device="cuda" if gpus > 0 else "cpu")
-    return cfg
+    return ServiceConfig.from_env() if config is None else ServiceConfig.coerce(config)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=100)
@@ -233,8 +227,25 @@ class OmniZipAPI(ConsoleRoutes):
             log.warning("no API keys configured: %s", "every client is served (insecure)" if _GateState.settings.insecure
                         else "only loopback clients are served")
         self._config = _service_config(config)
-        self._get_service = get_or_create_service
         self._service = get_or_create_service(self._config)
+        self._replica_id = _replica_id()
+        self._service.register_replica.remote(self._replica_id)  # the engine lives while replicas use it
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check: renews this replica's lease on the engine. The engine
+        being away is not this replica's illness (requests answer 503 meanwhile)."""
+        try:
+            await asyncio.wait_for(self._service.register_replica.remote(self._replica_id), 5)
+        except Exception as exc:
+            log.warning("could not renew the engine lease: %r", exc)
+
+    def __del__(self) -> None:
+        """Serve shuts this replica down (app deleted, redeploy, downscale): release the engine,
+        which stops once no replica uses it."""
+        try:
+            self._service.release_replica.remote(self._replica_id)
+        except Exception:
+            pass
 
     # -- engine calls ---------------------------------------------------------------------------
     async def _call(self, method: str, *args: Any, stream_id: str | None = None, **kwargs: Any) -> Any:
@@ -250,10 +261,13 @@ class OmniZipAPI(ConsoleRoutes):
             raise _to_api_error(e, stream_id) from e
 
     def _reconnect(self) -> None:
-        try:
-            self._service = self._get_service(self._config)
-        except Exception:  # the next request tries again
-            log.exception("could not reach the engine actor")
+        """Look the engine up again (never create it here: an engine that is gone for good was
+        retired by a newer deployment, which this replica is about to make way for)."""
+        from pipeline.service import find_service
+
+        handle = find_service(self._config)
+        if handle is not None:
+            self._service = handle
 
     async def _resolve(self, ref: str, owner: str) -> dict[str, Any]:
         """One of ``owner``'s streams by id, else by name (the OpenAI `model`); 404 otherwise."""
@@ -398,6 +412,16 @@ class OmniZipAPI(ConsoleRoutes):
     def _card(s: Mapping[str, Any]) -> dict[str, Any]:
         return ModelCard(id=s["id"], created=int(s.get("created") or 0), name=s.get("name"),
                          status=s.get("status")).model_dump()
+
+
+def _replica_id() -> str:
+    """This replica's id (Serve's, or a random one outside Serve)."""
+    try:
+        return str(serve.get_replica_context().replica_id.unique_id)
+    except Exception:
+        import uuid
+
+        return uuid.uuid4().hex
 
 
 def build_app(config: Any = None, gate: Mapping[str, Any] | None = None, **deployment_options: Any) -> serve.Application:

@@ -1,8 +1,11 @@
 """The engine's front door: `StreamService` owns every stream (create, status, ask, delete) and
-the actors behind them (pipeline.ingest, pipeline.encoder, pipeline.decoder). It runs as the named
-Ray actor "<name>-service" (`get_or_create_service`), which the Serve app and the CLI call; every
-actor it starts is named in the "omnizip" namespace (pipeline.runtime), so a restarted service
-finds them again, and every stream's record lives in the store.
+the actors behind them (pipeline.ingest, and the elastic pools of pipeline.encoder workers and
+pipeline.decoder actors, pipeline.elastic). It runs on the head node as the named Ray actor
+"<name>-<config hash>-service" (`get_or_create_service`), which the Serve app and the CLI call;
+every actor it starts is named in the "omnizip" namespace (pipeline.runtime), so a restarted
+service finds them again, and every stream's record (with the pool members it is on) lives in
+the store. Its life: started by the first replica of a Serve app (or a CLI command), it retires
+older engines of the same name, and stops itself once no replica uses it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import ray
 
 from pipeline import runtime
 from pipeline.config import ServiceConfig
+from pipeline.elastic import Pool
+from pipeline.pool import Bounds, least_loaded, rebalance, target_size
 from pipeline.records import StreamRecord, StreamSpec
 from pipeline.refusals import LimitExceeded, NameTaken, StoreUnavailable
 from pipeline.stats import DecoderStats, EncoderStats, IngestStats, stream_status
@@ -25,8 +30,11 @@ from pipeline.store import Retention, StreamExists, StreamNotFound
 log = logging.getLogger(__name__)
 
 INGEST_STATS_TIMEOUT_S = 3.0  # an ingest actor slower than this to answer is not placed yet
+REPLICA_LEASE_S = 35.0  # a Serve replica not heard of for this long is gone (it renews every health check)
+UNUSED_GRACE_S = 5.0  # the engine stops this long after its last replica left
 
-__all__ = ["ServiceConfig", "StreamService", "get_or_create_service", "shutdown_service"]
+__all__ = ["ServiceConfig", "StreamService", "find_service", "get_or_create_service", "shutdown_engine",
+           "shutdown_service"]
 
 
 class StreamService:
@@ -36,35 +44,97 @@ class StreamService:
     def __init__(self, config: ServiceConfig | Mapping[str, Any] | None = None) -> None:
         self.cfg = ServiceConfig.coerce(config)
         c = self.cfg
-        self.names = runtime.ActorNames(c.name)
+        self.names = runtime.ActorNames.of(c)
         retention = Retention(c.retention_windows, c.retention_s)
         handle = None if c.redis_url else runtime.store_actor(retention, c.detached, self.names.store())
         self.store_ref = runtime.StoreRef(c.redis_url, handle, retention)
         self.store = self.store_ref.connect(fail_fast=True)  # the API answers 503 within seconds
-        self.decoders = [runtime.start_decoder(self.names.decoder(i), c, self.store_ref)
-                         for i in range(c.decoder_actors)]
-        self.workers = [runtime.start_encoder(self.names.encoder(i), c, self.decoders, self.store_ref)
-                        for i in range(c.encoder_workers)]
+        grace = max(3 * c.scale_interval_s, 3.0)  # a member away longer is gone: its streams move
+        self.encoders = Pool("encoder", self._bounds("encoder"),
+                             lambda i: runtime.start_encoder(self.names.encoder(i), c, self.store_ref), grace)
+        self.decoders = Pool("decoder", self._bounds("decoder"),
+                             lambda i: runtime.start_decoder(self.names.decoder(i), c, self.store_ref), grace)
         self.ingest: dict[str, Any] = {}
         self.policy = c.source_policy()
         self._reattached = False
+        self._reattaching = asyncio.Lock()
         self._creating = asyncio.Lock()  # limits and name checks see every earlier create
         self._asking: dict[str, int] = {}  # questions answered or waiting, per stream
         self.known: dict[str, StreamRecord] = {}  # running streams' records: written back if the store loses them
         self._watchdog: asyncio.Task | None = None
+        self._replicas: dict[str, float] = {}  # Serve replicas using this engine -> when last heard of
+        self._served = False  # some replica registered: the engine ends with the last one
+        self._stopping = False
+        self.moves = 0  # streams moved between pool members so far
+
+    def _bounds(self, kind: str) -> Bounds:
+        low, high = self.cfg.pool_bounds(kind)
+        return Bounds(low, high, self.cfg.streams_per_worker, max(1, self.cfg.queue_windows // 2), self.cfg.max_lag_s)
 
     async def _reattach(self) -> None:
-        """Once: a restarted service finds the ingest actors of its streams again."""
+        """Once, before the first request is served: retire older engines of the same name (a
+        redeploy with another config), then take every running stream on: a restarted service
+        finds its streams' ingest actors again; a stream without one (an older engine's, or one
+        whose actor is gone) is placed on this engine's pools and its ingestion resumed from the
+        store."""
         if self._reattached:
             return
-        self._reattached = True
-        for rec in await self._records():
-            if rec.id in self.ingest:
-                continue
+        async with self._reattaching:
+            if self._reattached:
+                return
+            await self._retire_others()
+            for rec in await self._records():
+                if rec.id in self.ingest or rec.status in ("ended", "failed"):
+                    continue
+                try:
+                    self.ingest[rec.id] = runtime.lookup(self.names.ingest(rec.id))
+                except ValueError:
+                    await self._adopt(rec)
+            self._reattached = True
+
+    async def _adopt(self, rec: StreamRecord) -> None:
+        """Run a stream this engine did not start: on its pools' least-loaded members, its ingest
+        resuming from the store (a file at the first window not yet durable, a live source anew)."""
+        running = [r for r in self.known.values() if r.id != rec.id]
+        changes: dict[str, Any] = {}
+        if rec.worker not in self.encoders.members:
+            changes["worker"] = least_loaded([r.worker for r in running], self.encoders.ready() or self.encoders.members)
+        if rec.decoder not in self.decoders.members:
+            changes["decoder"] = least_loaded([r.decoder for r in running], self.decoders.ready() or self.decoders.members)
+        if changes:
+            rec = StreamRecord.from_dict(await self._io(self.store.update_stream, rec.id, changes))
+        log.warning("stream %s: taken over by engine %s", rec.id, self.names.prefix)
+        self.known[rec.id] = rec
+        self._info(rec)
+        self.ingest[rec.id] = runtime.start_ingest(self.names.ingest(rec.id), rec, self.cfg, self.store_ref)
+
+    async def _retire_others(self) -> None:
+        """Drain and stop every other engine of this config's name (older deployments)."""
+        named = await asyncio.to_thread(ray.util.list_named_actors, True)
+        others = [a["name"] for a in named
+                  if a.get("namespace") == runtime.NAMESPACE and self.names.is_other_engine(a["name"])]
+        for name in others:
             try:
-                self.ingest[rec.id] = ray.get_actor(self.names.ingest(rec.id), namespace=runtime.NAMESPACE)
+                old = runtime.lookup(name)
             except ValueError:
+                continue
+            log.warning("engine %s replaces %s: draining it", self.names.prefix, name)
+            try:
+                await asyncio.wait_for(old.retire.remote(), 90)
+            except Exception as exc:
+                log.warning("retiring %s: %r", name, exc)
+            try:
+                ray.kill(old, no_restart=True)
+            except Exception:
                 pass
+
+    def _info(self, rec: StreamRecord) -> None:
+        """The stream's name as a metric label (omnizip_stream_info), for dashboards to join on."""
+        from pipeline.metrics import get_metrics
+
+        info = getattr(get_metrics(), "stream_info", None)
+        if info is not None:
+            info(rec.id, rec.name)
 
     async def _io(self, fn: Any, *args: Any) -> Any:
         """A blocking store call off the event loop; StoreUnavailable when the store is away."""
@@ -79,9 +149,96 @@ class StreamService:
             raise
 
     def _watch(self) -> None:
-        """Start the watchdog once, from inside the actor's event loop."""
+        """Start the background loops once, from inside the actor's event loop: the restore
+        watchdog, the pools' scaler, and the check for an engine no replica uses any more."""
         if self._watchdog is None:
-            self._watchdog = asyncio.get_running_loop().create_task(self._restore_loop())
+            loop = asyncio.get_running_loop()
+            self._watchdog = loop.create_task(self._restore_loop())
+            self._loops = [loop.create_task(self._scale_loop()), loop.create_task(self._lifecycle_loop())]
+
+    async def _scale_loop(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(self.cfg.scale_interval_s)
+            try:
+                await self.rescale()
+            except Exception as exc:  # the store away, an actor call failing: next round
+                log.warning("scaling round failed: %r", exc)
+
+    async def _lifecycle_loop(self) -> None:
+        """Once replicas have used this engine and none is left for UNUSED_GRACE_S (the Serve app
+        was deleted or shut down), stop every actor of the engine and then this one."""
+        idle_since = None
+        while not self._stopping:
+            await asyncio.sleep(1.0)
+            if not self._unused():
+                idle_since = None
+                continue
+            idle_since = idle_since or time.monotonic()
+            if time.monotonic() - idle_since >= UNUSED_GRACE_S:
+                log.warning("no Serve replica uses engine %s any more: stopping it", self.names.prefix)
+                await self.shutdown()
+                ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+
+    # ---- the elastic pools (pipeline.pool decides, pipeline.elastic holds the actors) -----------
+    async def rescale(self) -> list[dict]:
+        """One scaling round over both pools: grow by one member when the load asks for it,
+        shrink by one after ``scale_down_after_s`` of calm, and move streams so every stream is on
+        a member that is up and the members' shares differ by at most one (a member that joined
+        gets streams, one that left or stayed away past its grace gives them up). The moves done."""
+        await self._records()  # refresh `known`: the running streams and where each one is
+        moved: list[dict] = []
+        for pool, field in ((self.encoders, "worker"), (self.decoders, "decoder")):
+            members = await pool.probe()
+            target = target_size(pool.bounds, members, len(self.known))
+            gone = pool.gone()
+            leaving = None
+            if target > len(members):
+                pool.grow()
+            elif pool.calm_for(target < len(members)) >= self.cfg.scale_down_after_s:
+                leaving = max(gone) if gone else max(pool.members)
+            if pool.settling():
+                continue  # a member is starting or restarting: move nothing until it is up or gone
+            homes = [i for i in pool.ready() if i != leaving]
+            if not homes:
+                continue
+            for mv in rebalance({r.id: getattr(r, field) for r in self.known.values()}, homes):
+                if await self._move(field, mv.stream_id, mv.src, mv.dst):
+                    moved.append({"stream": mv.stream_id, "pool": pool.kind, "from": mv.src, "to": mv.dst})
+            if leaving is not None and not any(getattr(r, field) == leaving for r in self.known.values()):
+                pool.stop(leaving)
+                pool.calm_for(False)
+            for i in gone:  # away past its grace (no node can host it): stopped once its streams moved
+                if i in pool.members and not any(getattr(r, field) == i for r in self.known.values()):
+                    log.warning("%s pool: member %d did not come back; stopping it", pool.kind, i)
+                    pool.stop(i)
+        return moved
+
+    async def _move(self, field: str, sid: str, src: int, dst: int) -> bool:
+        """Move a stream's encoding (``worker``) or context (``decoder``) from member ``src`` to
+        ``dst``: the record names the new member first (so late calls to the old one are turned
+        away), the old one hands over what it holds, then the producer is pointed at the new one,
+        which continues from the store."""
+        pool = self.encoders if field == "worker" else self.decoders
+        try:
+            rec = StreamRecord.from_dict(await self._io(self.store.update_stream, sid, {field: dst}))
+        except Exception as exc:
+            log.warning("stream %s: not moved: %r", sid, exc)
+            return False
+        log.info("stream %s: %s %d -> %d", sid, pool.kind, src, dst)
+        self.known[sid] = rec
+        old = pool.members.get(src) if src in pool.ready() else None
+        if field == "worker":
+            if old is not None:
+                await self._call(old.release.remote(sid), 40)
+            ing = self.ingest.get(sid)
+            if ing is not None:
+                await self._call(ing.retarget.remote(dst), 10)
+        else:
+            await self._call(self._worker(rec).redirect.remote(sid, dst), 10)
+            if old is not None:
+                await self._call(old.release.remote(sid), 10)
+        self.moves += 1
+        return True
 
     async def _restore_loop(self) -> None:
         """Every 2 s: a running stream the store no longer knows (Redis restarted empty) has its
@@ -117,19 +274,11 @@ class StreamService:
                 self.known[r.id] = r
         return recs
 
-    @staticmethod
-    def _least_loaded(n: int, assigned: list[int]) -> int:
-        load = [0] * n
-        for i in assigned:
-            if 0 <= i < n:
-                load[i] += 1
-        return min(range(n), key=lambda i: load[i])
-
     def _worker(self, rec: StreamRecord) -> Any:
-        return self.workers[rec.worker % len(self.workers)]
+        return self.encoders.handle(rec.worker)
 
     def _decoder(self, rec: StreamRecord) -> Any:
-        return self.decoders[rec.decoder % len(self.decoders)]
+        return self.decoders.handle(rec.decoder)
 
     # ---- the contract ---------------------------------------------------------------------------
     async def create_stream(self, spec: Mapping[str, Any] | StreamSpec, owner: str | None = None) -> dict:
@@ -146,6 +295,7 @@ class StreamService:
         if parsed.backpressure is None:  # a finite source waits for the model rather than lose a window
             parsed = parsed.model_copy(update={"backpressure": not live})
         await self._io(self.policy.check, parsed.source)  # SourceRefused names the rule; opens nothing
+        await self._reattach()
         async with self._creating:
             running = [r for r in await self._records() if r.status not in ("ended", "failed")]
             mine = [r for r in running if r.owner == owner]
@@ -156,13 +306,14 @@ class StreamService:
             if len(mine) >= self.cfg.max_streams_per_key:
                 raise LimitExceeded(f"at most {self.cfg.max_streams_per_key} streams per API key; delete one first",
                                     "source", 30)
-            rec = StreamRecord.from_spec(parsed, self.cfg.context_tokens, owner=owner,
-                                         worker=self._least_loaded(len(self.workers), [r.worker for r in running]),
-                                         decoder=self._least_loaded(len(self.decoders), [r.decoder for r in running]))
+            rec = StreamRecord.from_spec(
+                parsed, self.cfg.context_tokens, owner=owner,
+                worker=least_loaded([r.worker for r in running], self.encoders.ready() or self.encoders.members),
+                decoder=least_loaded([r.decoder for r in running], self.decoders.ready() or self.decoders.members))
             rec = StreamRecord.from_dict(await self._io(self.store.create_stream, rec.to_dict()))
             self.known[rec.id] = rec
-        self.ingest[rec.id] = runtime.start_ingest(self.names.ingest(rec.id), rec, self._worker(rec), self.cfg,
-                                                   self.store_ref)
+        self._info(rec)
+        self.ingest[rec.id] = runtime.start_ingest(self.names.ingest(rec.id), rec, self.cfg, self.store_ref)
         return await self._status(rec)
 
     async def list_streams(self, owner: str | None = None) -> list[dict]:
@@ -267,14 +418,17 @@ class StreamService:
                 yield event
 
     async def health(self) -> dict:
-        names = [self.names.encoder(i) for i in range(len(self.workers))] + \
-                [self.names.decoder(i) for i in range(len(self.decoders))]
-        stats = await asyncio.gather(*(self._call(a.health.remote(), 10) for a in self.workers + self.decoders))
+        workers: dict[str, dict] = {}
+        for pool, name in ((self.encoders, self.names.encoder), (self.decoders, self.names.decoder)):
+            for m in await pool.probe():
+                workers[name(m.index)] = pool.health[m.index] if m.ready else {"ok": False}
         store_ok = await asyncio.to_thread(self.store.ping)
-        workers = {n: (s if isinstance(s, dict) else {"ok": False}) for n, s in zip(names, stats)}
         n = len(await self._io(self.store.list_streams)) if store_ok else len(self.ingest)
+        pools = {p.kind: {"members": len(p.members), "ready": len(p.ready()), "low": p.bounds.low,
+                          "high": p.bounds.high} for p in (self.encoders, self.decoders)}
         return {"ok": bool(store_ok) and all(w.get("ok") for w in workers.values()), "streams": n,
-                "degraded": not store_ok, "workers": workers, "store": "redis" if self.cfg.redis_url else "memory"}
+                "degraded": not store_ok, "workers": workers, "store": "redis" if self.cfg.redis_url else "memory",
+                "engine": self.names.prefix, "pools": pools, "moves": self.moves}
 
     async def windows(self, stream_id: str, start: int = 0, owner: str | None = None,
                       limit: int | None = None) -> list[dict]:
@@ -313,10 +467,40 @@ class StreamService:
         rec = await self._record(stream_id, owner)
         return await self._decoder(rec).latencies.remote(stream_id)
 
-    async def shutdown(self, drain_s: float = 10.0) -> None:
+    # ---- lifecycle -------------------------------------------------------------------------------
+    async def register_replica(self, replica_id: str) -> bool:
+        """A Serve replica uses this engine (called at its start and by its health checks): the
+        engine runs while some replica has been heard of within REPLICA_LEASE_S."""
+        self._replicas[str(replica_id)] = time.monotonic()
+        self._served = True
+        self._watch()
+        await self._reattach()
+        return True
+
+    async def release_replica(self, replica_id: str) -> bool:
+        """A Serve replica shut down (``serve shutdown``, a redeploy, a downscale)."""
+        self._replicas.pop(str(replica_id), None)
+        return True
+
+    def _unused(self) -> bool:
+        """Replicas have used this engine and none has been heard of within the lease."""
+        now = time.monotonic()
+        return self._served and not any(now - t < REPLICA_LEASE_S for t in self._replicas.values())
+
+    async def retire(self, drain_s: float = 30.0) -> None:
+        """Stop this engine for a newer one of the same name: ingestion stops, accepted windows
+        are made durable, every actor stops, the streams and the store stay (the new engine
+        takes the streams on from the store)."""
+        await self.shutdown(drain_s, keep_store=True)
+
+    async def shutdown(self, drain_s: float = 10.0, keep_store: bool = False) -> None:
         """Stop every stream's ingestion, let the windows already accepted reach the context and
         the store (at most ``drain_s`` seconds), then stop every actor of this service (the
-        store's data stays)."""
+        store's data stays; the in-process store's actor too when ``keep_store`` or another
+        engine of the same name uses it)."""
+        if self._stopping:
+            return
+        self._stopping = True
         await asyncio.gather(*(self._call(h.stop.remote(), 5) for h in self.ingest.values()))
         deadline = time.monotonic() + drain_s
         for rec in list(self.known.values()):
@@ -331,11 +515,15 @@ class StreamService:
             except Exception:
                 pass
         self.ingest.clear()
-        for h in self.workers + self.decoders:
-            ray.kill(h, no_restart=True)
-        if self.store_ref.handle is not None:
+        for pool in (self.encoders, self.decoders):
+            for i in list(pool.members):
+                pool.stop(i)
+        if self.store_ref.handle is not None and not keep_store and not await asyncio.to_thread(self._others_alive):
             ray.kill(self.store_ref.handle, no_restart=True)
 
+    def _others_alive(self) -> bool:
+        return any(a.get("namespace") == runtime.NAMESPACE and self.names.is_other_engine(a["name"])
+                   for a in ray.util.list_named_actors(all_namespaces=True))
 
 def _unreachable(exc: BaseException) -> bool:
     """A connection-level failure of the store (not a refusal of the request)."""
@@ -350,14 +538,24 @@ def _unreachable(exc: BaseException) -> bool:
 
 
 def get_or_create_service(config: ServiceConfig | Mapping[str, Any] | None = None) -> Any:
-    """The named service actor "<config.name>-service" in namespace "omnizip" (created if missing;
-    an existing one is returned as is, whatever its config)."""
+    """The service actor of this exact config, "<name>-<config hash>-service" in namespace
+    "omnizip", on the head node (created if missing). A changed config is another engine: on its
+    first request it retires the older engines of the same name and takes their streams on."""
     cfg = ServiceConfig.coerce(config)
-    opts: dict[str, Any] = dict(name=runtime.ActorNames(cfg.name).service(), namespace=runtime.NAMESPACE,
-                                get_if_exists=True, num_cpus=0, max_restarts=-1, max_concurrency=1000)
+    opts: dict[str, Any] = dict(name=runtime.ActorNames.of(cfg).service(), namespace=runtime.NAMESPACE,
+                                get_if_exists=True, num_cpus=0, max_restarts=-1, max_concurrency=1000,
+                                **runtime.ON_HEAD)
     if cfg.detached:
         opts["lifetime"] = "detached"
     return ray.remote(StreamService).options(**opts).remote(cfg)
+
+
+def find_service(config: ServiceConfig | Mapping[str, Any] | None = None) -> Any:
+    """The running service actor of this config, or None (nothing is created)."""
+    try:
+        return runtime.lookup(runtime.ActorNames.of(ServiceConfig.coerce(config)).service())
+    except ValueError:
+        return None
 
 
 def shutdown_service(handle: Any, timeout_s: float = 60.0) -> None:
@@ -366,3 +564,14 @@ def shutdown_service(handle: Any, timeout_s: float = 60.0) -> None:
         ray.get(handle.shutdown.remote(), timeout=timeout_s)
     finally:
         ray.kill(handle, no_restart=True)
+
+
+def shutdown_engine(config: ServiceConfig | Mapping[str, Any] | None = None, timeout_s: float = 60.0) -> bool:
+    """Stop the engine of this config (its streams' ingestion drained, every actor stopped; the
+    store's data stays). False when no such engine runs. What `serve` does on exit when it
+    attached to a cluster that outlives it."""
+    handle = find_service(config)
+    if handle is None:
+        return False
+    shutdown_service(handle, timeout_s)
+    return True

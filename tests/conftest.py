@@ -78,13 +78,11 @@ def serve_api(ray_session: dict[str, int], redis_server: RedisServer,
         if time.monotonic() > deadline:
             raise RuntimeError(f"{url}/healthz not 200 within 120 s")
         time.sleep(0.5)
+    from pipeline.config import ServiceConfig
+    from pipeline.runtime import ActorNames
     yield {"url": url, "metrics_port": ray_session["metrics_port"], "redis_url": redis_server.url,
-           "service": config["name"], "key": keys[0], "other_key": keys[1]}
+           "service": ActorNames.of(ServiceConfig.coerce(config)).prefix, "config": config, "key": keys[0],
+           "other_key": keys[1]}
     serve.shutdown()
-    import ray
-
-    from pipeline.service import shutdown_service
-    try:  # the engine's actors are detached: stop its streams before the session's other tests
-        shutdown_service(ray.get_actor(f"{config['name']}-service", namespace="omnizip"))
-    except ValueError:
-        pass
+    from pipeline.service import shutdown_engine
+    shutdown_engine(config)  # the engine stops itself once its replicas are gone; this makes sure

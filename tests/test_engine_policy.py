@@ -13,25 +13,25 @@ from typing import Any
 
 import pytest
 
-from test_engine_service import answer, ended, healthy, lavfi, wait
+from test_engine_service import actor, answer, ended, healthy, lavfi, wait
+
+CONFIG = {"name": "eng-mem", "queue_windows": 2, "max_batch": 1, "allow_sources": "lavfi",
+          "behind_policy": "compress_harder"}
 
 
 @pytest.fixture(scope="module")
 def svc(ray_session: dict) -> Iterator[Any]:
     from pipeline.service import get_or_create_service, shutdown_service
     # one window per encoder call, queues of 2: an unpaced file outruns the encoder
-    handle = get_or_create_service({"name": "eng-mem", "queue_windows": 2, "max_batch": 1, "allow_sources": "lavfi",
-                                    "behind_policy": "compress_harder"})
+    handle = get_or_create_service(CONFIG)
     assert healthy(handle)["ok"]
     yield handle
     shutdown_service(handle)
 
 
 def store() -> Any:
-    import ray
-
     from pipeline.runtime import RemoteStore
-    return RemoteStore(ray.get_actor("eng-mem-store", namespace="omnizip"))
+    return RemoteStore(actor(CONFIG, "store"))
 
 
 def metric_lines(port: int, name: str, sid: str) -> list[str]:
@@ -74,7 +74,7 @@ def test_backpressure_file_loses_nothing_and_queues_stay_bounded(svc: Any) -> No
     assert st["status"] == "ended" and st["dropped"] == 0 and st["compressed_harder"] == 0
     assert st["windows"] == st["windows_total"] == 15
     assert [w.index for w in store().windows(sid)] == list(range(15))
-    decoder = ray.get_actor("eng-mem-decoder-0", namespace="omnizip")
+    decoder = actor(CONFIG, "decoder")
     peak = ray.get(decoder.stats.remote(sid)).max_queue
     # queue_windows = 2: at most the decoder's own 2, the encoder's 2 and one batch in flight.
     assert 1 <= peak <= 5, peak
@@ -85,7 +85,7 @@ def test_killed_encoder_worker_resumes_the_compressor(svc: Any) -> None:
     import ray
     sid = ray.get(svc.create_stream.remote({"source": lavfi(12), "realtime": True}))["id"]
     wait(svc, sid, lambda st: st["windows"] >= 2, 60, "two windows")
-    ray.kill(ray.get_actor("eng-mem-encoder-0", namespace="omnizip"), no_restart=False)
+    ray.kill(actor(CONFIG, "encoder"), no_restart=False)
     st = wait(svc, sid, ended, 120, "the end")
     assert st["status"] == "ended" and st["windows_total"] == 6
     ws = store().windows(sid)

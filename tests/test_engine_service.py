@@ -54,8 +54,7 @@ def ended(st: dict) -> bool:
 @pytest.fixture(scope="module")
 def svc(ray_session: dict, redis_server: Any) -> Iterator[Any]:
     from pipeline.service import get_or_create_service, shutdown_service
-    handle = get_or_create_service({"name": "eng-redis", "redis_url": redis_server.url, "context_tokens": 4096,
-                                    "allow_sources": "file,lavfi"})
+    handle = get_or_create_service(engine_config(redis_server.url))
     assert healthy(handle)["ok"]
     yield handle
     shutdown_service(handle)
@@ -74,9 +73,27 @@ def stored(redis_server: Any, sid: str) -> list[Any]:
         return s.windows(sid)
 
 
-def decoder(name: str = "eng-redis-decoder-0") -> Any:
+def engine_config(redis_url: str) -> dict[str, Any]:
+    return {"name": "eng-redis", "redis_url": redis_url, "context_tokens": 4096, "allow_sources": "file,lavfi"}
+
+
+def actor(config: dict[str, Any], kind: str, which: Any = 0) -> Any:
+    """One of the engine's actors by kind ("encoder", "decoder", "ingest", "store", "service")."""
     import ray
+
+    from pipeline.config import ServiceConfig
+    from pipeline.runtime import ActorNames
+    names = ActorNames.of(ServiceConfig.coerce(config))
+    name = getattr(names, kind)(which) if kind in ("encoder", "decoder", "ingest") else getattr(names, kind)()
     return ray.get_actor(name, namespace="omnizip")
+
+
+def decoder() -> Any:
+    """The module engine's decoder 0 (its name carries the config's hash)."""
+    import ray
+    return ray.get_actor(next(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                              if a["name"].startswith("eng-redis-") and a["name"].endswith("-decoder-0")),
+                         namespace="omnizip")
 
 
 def test_two_live_streams_land_in_redis_and_the_context(svc: Any, redis_server: Any) -> None:
@@ -148,7 +165,7 @@ def test_redis_restart_mid_stream_is_survived(svc: Any, redis_server: Any) -> No
     assert answer(svc, sid)
 
 
-def test_delete_frees_everything(svc: Any, rdb: redis.Redis) -> None:
+def test_delete_frees_everything(svc: Any, rdb: redis.Redis, redis_server: Any) -> None:
     import ray
     sid = ray.get(svc.create_stream.remote({"source": lavfi(30), "realtime": True}))["id"]
     wait(svc, sid, lambda st: st["windows"] >= 1, 60, "a window")
@@ -160,9 +177,9 @@ def test_delete_frees_everything(svc: Any, rdb: redis.Redis) -> None:
     with pytest.raises(KeyError):
         ray.get(svc.delete_stream.remote(sid))
     with pytest.raises(ValueError):
-        ray.get_actor(f"eng-redis-ingest-{sid}", namespace="omnizip")
+        actor(engine_config(redis_server.url), "ingest", sid)
     time.sleep(1.0)  # windows in flight when it was deleted are discarded, not resurrected
-    assert not ray.get(ray.get_actor("eng-redis-encoder-0", namespace="omnizip").stats.remote(sid)).known
+    assert not ray.get(actor(engine_config(redis_server.url), "encoder").stats.remote(sid)).known
     assert not ray.get(decoder().stats.remote(sid)).known
     assert rdb.keys(f"omnizip:{{{sid}}}:*") == []
     assert sid not in {s["id"] for s in ray.get(svc.list_streams.remote())}

@@ -64,10 +64,8 @@ def strict(serve_api: dict, redis_server: Any) -> Iterator[dict[str, Any]]:
         time.sleep(0.5)
     yield {"url": url, "keys": keys}
     serve.delete("strict")
-    import ray
-
-    from pipeline.service import shutdown_service
-    shutdown_service(ray.get_actor("httpstrict-service", namespace="omnizip"))
+    from pipeline.service import shutdown_engine
+    shutdown_engine(config)
 
 
 def err(r: requests.Response, status: int) -> dict[str, Any]:

@@ -43,17 +43,26 @@ def test_build_app_takes_a_config_dict() -> None:
     assert isinstance(a, serve.Application)
 
 
-def test_device_auto_resolves_to_what_the_cluster_has(ray_session: dict[str, int],
+def test_device_auto_is_resolved_by_each_model_actor(ray_session: dict[str, int],
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """deploy/serve_config.yaml says OMNIZIP_DEVICE=auto: torch has no such device, so the app
-    resolves it (this Ray has no GPU: cpu); other fields come from the environment."""
+    """deploy/serve_config.yaml says OMNIZIP_DEVICE=auto: the app passes it on unresolved, and
+    each model actor decides where it runs (this Ray has no GPU: it asks for CPU and runs on
+    cpu); ``cuda`` always asks Ray for a GPU, so an autoscaler can add a GPU node for it."""
     import ray
 
+    from pipeline.config import ServiceConfig
+    from pipeline.runtime import model_resources, resolve_device
     from pipeline.serve import _service_config
     assert ray.cluster_resources().get("GPU", 0) == 0
     cfg = _service_config({"device": "auto", "model": "tiny"})
-    assert cfg.device == "cpu" and cfg.model == "tiny"
+    assert cfg.device == "auto" and cfg.model == "tiny"
+    assert "num_gpus" not in model_resources(cfg) and model_resources(cfg)["num_cpus"] == cfg.cpus_per_actor
+    assert model_resources(ServiceConfig(device="cuda"))["num_gpus"] == 0.5
+    assert ray.get(ray.remote(num_cpus=0)(lambda: resolve_device("auto")).remote()) == "cpu"
+    assert resolve_device("cuda:1") == "cuda:1"
     monkeypatch.setenv("OMNIZIP_DEVICE", "auto")
     monkeypatch.setenv("OMNIZIP_MODEL", "small")
     env = _service_config(None)
-    assert env.device == "cpu" and env.model == "small"
+    assert env.device == "auto" and env.model == "small"
+    with pytest.raises(ValueError, match="device"):
+        ServiceConfig(device="gpu")

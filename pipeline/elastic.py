@@ -1,0 +1,113 @@
+"""An elastic pool of model actors (encoder workers or decoders) as the service drives it: the
+members by index (their names say it: "<engine>-encoder-3"), their last health, starting one
+and stopping one. The decisions are pipeline.pool's; moving a stream is the service's (it owns
+the records and the ingest actors).
+
+A member that stops answering is given ``grace_s`` to come back (Ray restarts a dead actor on
+any node that can host it, a lost node's included); after that it counts as gone and its
+streams move to the members that are up, continuing from the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ray
+
+from pipeline.pool import Bounds, Member
+
+__all__ = ["Pool"]
+
+log = logging.getLogger(__name__)
+
+HEALTH_TIMEOUT_S = 3.0
+
+
+class Pool:
+    """One kind of model actor, ``low`` to ``high`` of them."""
+
+    def __init__(self, kind: str, bounds: Bounds, start: Callable[[int], Any], grace_s: float) -> None:
+        self.kind = kind
+        self.bounds = bounds
+        self._start = start
+        self.grace_s = grace_s
+        self.members: dict[int, Any] = {}
+        self.health: dict[int, dict] = {}  # the last answer of each member that answered
+        self._unready_since: dict[int, float] = {}
+        self._calm_since: float | None = None
+        for i in range(bounds.low):
+            self.grow()
+
+    # -- membership --
+    def grow(self) -> int:
+        """Start a member at the lowest free index (Ray places it when resources allow: an
+        autoscaler may add a node for it first)."""
+        i = next(k for k in range(len(self.members) + 1) if k not in self.members)
+        self.members[i] = self._start(i)
+        self._unready_since[i] = time.monotonic()
+        log.info("%s pool: member %d starting (%d members)", self.kind, i, len(self.members))
+        return i
+
+    def stop(self, i: int) -> None:
+        """Stop member ``i`` for good (its streams have moved)."""
+        h = self.members.pop(i, None)
+        self.health.pop(i, None)
+        self._unready_since.pop(i, None)
+        if h is not None:
+            log.info("%s pool: member %d stopped (%d members)", self.kind, i, len(self.members))
+            try:
+                ray.kill(h, no_restart=True)
+            except Exception:
+                pass
+
+    def handle(self, i: int) -> Any:
+        """Member ``i``, or the lowest member when the pool has no ``i`` (a record of an older engine)."""
+        return self.members.get(i) if i in self.members else self.members[min(self.members)]
+
+    def handles(self) -> list[Any]:
+        return [self.members[i] for i in sorted(self.members)]
+
+    # -- health --
+    async def probe(self) -> list[Member]:
+        """Ask every member's health (at most HEALTH_TIMEOUT_S): the pool as pipeline.pool sees it."""
+        idx = sorted(self.members)
+        answers = await asyncio.gather(*(asyncio.wait_for(self.members[i].health.remote(), HEALTH_TIMEOUT_S)
+                                         for i in idx), return_exceptions=True)
+        now = time.monotonic()
+        out = []
+        for i, a in zip(idx, answers):
+            ok = isinstance(a, dict) and a.get("ok")
+            if ok:
+                self.health[i] = a
+                self._unready_since.pop(i, None)
+            else:
+                self._unready_since.setdefault(i, now)
+            h = self.health.get(i, {})
+            out.append(Member(i, bool(ok), int(h.get("queue", 0)), float(h.get("lag_s", 0.0))))
+        return out
+
+    def ready(self) -> list[int]:
+        return sorted(i for i in self.members if i not in self._unready_since)
+
+    def gone(self) -> list[int]:
+        """Members that have not answered for longer than the grace period."""
+        now = time.monotonic()
+        return sorted(i for i, t in self._unready_since.items() if now - t > self.grace_s)
+
+    def settling(self) -> bool:
+        """Some member is not up yet but still within its grace period (starting or restarting)."""
+        return bool(set(self._unready_since) - set(self.gone()))
+
+    def calm_for(self, wants_fewer: bool) -> float:
+        """How long the pool has wanted fewer members without a break (0 when it does not)."""
+        now = time.monotonic()
+        if not wants_fewer:
+            self._calm_since = None
+            return 0.0
+        if self._calm_since is None:
+            self._calm_since = now
+        return now - self._calm_since
