@@ -30,7 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 MONITORING = ROOT / "monitoring"
 DASHBOARD = MONITORING / "grafana" / "dashboards" / "omnizip.json"
 # Grafana fills these in at query time; promtool and the HTTP API need concrete values.
-GRAFANA_VARS = {"$__rate_interval": "30s", "$__interval": "5s", "$stream": ".*"}
+GRAFANA_VARS = {"$__rate_interval": "30s", "$__interval": "5s", "$stream": ".*", "$name": ".*"}
+# Panels fed by Ray itself rather than by pipeline.metrics: Ray Serve's HTTP proxies, and the
+# GPUs of Ray's node metrics (only on nodes that have one).
+SERVE_METRICS = ("ray_serve_",)
+GPU_METRICS = ("ray_node_gpus_", "ray_node_gram_")
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,16 @@ def panel_queries(dashboard: Any, variables: Mapping[str, str] = GRAFANA_VARS) -
                 raise ValueError(f"panel {p.title!r}: unresolved variable in {expr!r}")
             out.append(PanelQuery(p.title or "", t.ref_id, expr))
     return out
+
+
+def source_of(q: PanelQuery) -> str:
+    """Who feeds a panel query: "serve" (Ray Serve's proxies), "gpu" (Ray's GPU node metrics)
+    or "omnizip" (pipeline.metrics, and Prometheus' own `up`)."""
+    if any(m in q.expr for m in SERVE_METRICS):
+        return "serve"
+    if any(m in q.expr for m in GPU_METRICS):
+        return "gpu"
+    return "omnizip"
 
 
 def promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -204,7 +204,15 @@ def test_source_outage_survived(api: Api, cameras: dict[str, RtspServer], stream
 def test_every_dashboard_panel_has_data(api: Api, prom: ph.Prometheus, flood_stream: dict[str, Any],
                                         streams: dict[str, str]) -> None:
     """Every panel of the checked-in dashboard returns data from the Prometheus that has been
-    scraping this pipeline; questions keep coming so the answer-latency panels have events."""
+    scraping this pipeline; questions keep coming so the answer-latency panels have events.
+    The Serve panels read Ray Serve's own HTTP metrics from its proxy (an unknown stream gives a
+    404 for the errors panel); the GPU panels have data exactly when the cluster has a GPU."""
+    import ray
+
+    assert api.get("/v1/streams/no-such-stream").status_code == 404
+    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    queries = [q for q in ph.panel_queries(ph.load_dashboard()) if has_gpu or ph.source_of(q) != "gpu"]
+    assert {ph.source_of(q) for q in queries} >= {"omnizip", "serve"}
     stop = threading.Event()
 
     def keep_asking() -> None:
@@ -218,11 +226,18 @@ def test_every_dashboard_panel_has_data(api: Api, prom: ph.Prometheus, flood_str
     t = threading.Thread(target=keep_asking, daemon=True)
     t.start()
     try:
-        missing = ph.wait_for_panels(prom.url, ph.panel_queries(ph.load_dashboard()), timeout_s=90)
+        missing = ph.wait_for_panels(prom.url, queries, timeout_s=90)
     finally:
         stop.set()
         t.join(70)
     assert not missing, [f"{q.panel}: {q.expr}" for q in missing]
+    # the streams' names (omnizip_stream_info, set by the service) are what the panels join on
+    named = {x["metric"]["stream"]: x["metric"].get("name", "") for x in
+             ph.query(prom.url, "max by (stream, name) (omnizip_stream_info) == 1")}
+    assert {named.get(sid) for sid in streams.values()} == set(streams), named
+    if not has_gpu:  # no GPU anywhere: no GPU series, so those panels are empty (not broken)
+        assert not any(ph.has_data(ph.query(prom.url, q.expr))
+                       for q in ph.panel_queries(ph.load_dashboard()) if ph.source_of(q) == "gpu")
     # each camera's context gauge, once its (restarted) decoder has exported it again
     deadline = time.monotonic() + 60
     while not set(streams.values()) <= (names := {x["metric"]["stream"] for x in

@@ -1,9 +1,12 @@
 """monitoring/: the dashboard parses with grafana-foundation-sdk, its queries and the alert rules
 pass promtool, and a real Prometheus scraping real exporters (prometheus_client, and Ray's
-per-node metrics agent) returns data for every panel."""
+per-node metrics agent) returns data for every panel that they feed. The Ray Serve panels are
+fed by Serve's HTTP proxies: tests/test_e2e_live.py checks them against the real Serve app. The
+GPU panels are fed by Ray's node metrics, on nodes with a GPU only."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -19,6 +22,7 @@ from redis_helpers import free_port
 def feed(m: pm.Metrics, k: int) -> None:
     """What the pipeline records for one window of each of two streams, and one answer."""
     for stream in ("cam1", "cam2"):
+        m.stream_info(stream, f"camera {stream[-1]}")
         for stage, t in zip(pm.STAGES, (0.01, 0.2, 0.03, 0.1)):
             m.observe_stage(stage, t * (1 + k % 3))
         m.record_window(stream, {"audio": 50, "video": 400}, {"audio": 30, "video": 100 + k % 7})
@@ -33,18 +37,63 @@ def feed(m: pm.Metrics, k: int) -> None:
     m.observe_answer(ttft_s=0.2 + 0.01 * (k % 10), n_tokens=32, total_s=1.5)
 
 
+def serve_and_gpu_names() -> dict[str, set[str]]:
+    """The names the Serve and GPU panels must use, from the installed Ray itself: Serve's HTTP
+    ingress metrics and the reporter agent's GPU gauges, as the node's metrics agent exports
+    them (ray_ prefix; counters _total, histograms _bucket)."""
+    from ray.dashboard.modules.reporter.reporter_agent import METRICS_GAUGES
+    from ray.serve._private.common import RequestProtocol
+    from ray.serve._private.request_ingress_metrics import RequestIngressMetrics
+
+    m = RequestIngressMetrics(RequestProtocol.HTTP, source="proxy", node_id="n", node_ip_address="i")
+    return {"serve": {f"ray_{m.request_counter.info['name']}_total",
+                      f"ray_{m.request_error_counter.info['name']}_total",
+                      f"ray_{m.processing_latency_tracker.info['name']}_bucket"},
+            "gpu": {f"ray_{g}" for g in ("node_gpus_utilization", "node_gram_used") if g in METRICS_GAUGES}}
+
+
 def test_dashboard_parses_and_covers_every_metric():
     dash = ph.load_dashboard()
     assert dash.uid == "omnizip-stream" and dash.title
     queries = ph.panel_queries(dash)
-    assert len(dash.panels) >= 12 and len(queries) >= 12
+    assert len(dash.panels) >= 18 and len(queries) >= 18
     text = " ".join(q.expr for q in queries)
     for spec in pm.SPECS:
         assert spec.name in text, f"no panel shows {spec.name}"
-    assert 'up{job=~"omnizip|ray"}' in text
+    assert 'up{job="ray"}' in text and "omnizip|" not in text  # the ray job is the only one
+    names = serve_and_gpu_names()
+    assert names["serve"] == {"ray_serve_num_http_requests_total", "ray_serve_num_http_error_requests_total",
+                              "ray_serve_http_request_latency_ms_bucket"}
+    assert names["gpu"] == {"ray_node_gpus_utilization", "ray_node_gram_used"}
+    for name in names["serve"] | names["gpu"]:
+        assert name in text, f"no panel shows {name}"
+    # names joined on the per-stream panels; the name variable filters them
+    per_stream = [q for q in queries if 'stream=~".*"' in q.expr and "by (stream" in q.expr]
+    assert per_stream and all("group_left(name)" in q.expr for q in per_stream)
+
+
+def test_dashboard_datasource_is_a_variable():
+    """No hard-coded data source uid: a `datasource` variable of type prometheus, used by every
+    panel, every query and every query variable; provisioning gives it a default to start on."""
+    raw = json.loads(ph.DASHBOARD.read_text())
+    variables = {v["name"]: v for v in raw["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    ref = {"type": "prometheus", "uid": "${datasource}"}
+    uses = [v["datasource"] for v in variables.values() if v["type"] == "query"]
+    for p in raw["panels"]:
+        uses.append(p["datasource"])
+        uses += [t["datasource"] for t in p["targets"]]
+    assert len(uses) > len(raw["panels"]) and all(u == ref for u in uses), uses
+    assert variables["name"]["query"]["query"] == "label_values(omnizip_stream_info, name)"
     ds = yaml.safe_load((ph.MONITORING / "grafana/provisioning/datasources/prometheus.yaml").read_text())
-    uid = ds["datasources"][0]["uid"]
-    assert all(p.datasource.uid == uid for p in dash.panels)
+    (prom,) = ds["datasources"]
+    assert prom["type"] == "prometheus" and prom["isDefault"] is True
+    assert "uid" not in json.dumps(raw).replace('"uid": "${datasource}"', "").replace('"uid": "omnizip-stream"', "")
+    # the provider serves the folder compose mounts the dashboards into
+    prov = yaml.safe_load((ph.MONITORING / "grafana/provisioning/dashboards/omnizip.yaml").read_text())
+    compose = yaml.safe_load((ph.ROOT / "deploy/docker-compose.yml").read_text())
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in compose["services"]["grafana"]["volumes"]}
+    assert mounts[prov["providers"][0]["options"]["path"]] == "../monitoring/grafana/dashboards"
 
 
 def test_panel_queries_refuse_unknown_variables():
@@ -54,7 +103,7 @@ def test_panel_queries_refuse_unknown_variables():
 
 def test_promtool_checks(tmp_path):
     r = ph.promtool("check", "rules", str(ph.MONITORING / "alerts.yml"))
-    assert r.returncode == 0 and "4 rules found" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and "5 rules found" in r.stdout, r.stdout + r.stderr
     r = ph.promtool("test", "rules", "alerts_test.yml", cwd=ph.MONITORING)
     assert r.returncode == 0 and "SUCCESS" in r.stdout, r.stdout + r.stderr
     r = ph.promtool("check", "config", str(ph.MONITORING / "prometheus.yml"))
@@ -65,6 +114,29 @@ def test_promtool_checks(tmp_path):
     # and the check does catch a broken expression
     bad = [*queries, ph.PanelQuery("broken", "Z", "sum by (stream (omnizip_queue_depth)")]
     assert ph.check_exprs_with_promtool(bad, tmp_path).returncode != 0
+
+
+def test_alerts_are_about_what_exists():
+    """Every alert reads metrics pipeline.metrics exports or the scrape job the config has (the
+    old OmnizipWorkerDown watched a job at :9400 that nothing served, so it fired forever)."""
+    import re
+
+    rules = yaml.safe_load((ph.MONITORING / "alerts.yml").read_text())["groups"][0]["rules"]
+    jobs = {j["job_name"] for j in yaml.safe_load((ph.MONITORING / "prometheus.yml").read_text())["scrape_configs"]}
+    assert jobs == {"ray"}
+    exported = set(pm.exported_names())
+    for rule in rules:
+        for metric in re.findall(r"\b(omnizip_\w+|up)\b(?=\s*[{\[)])", rule["expr"]):
+            assert metric == "up" or metric in exported, (rule["alert"], metric)
+        for job in re.findall(r'job=~?"([^"]+)"', rule["expr"]):
+            assert job in jobs, (rule["alert"], job)
+    assert {r["alert"] for r in rules} >= {"RayNodeMetricsDown", "OmnizipEngineActorRestarts"}
+
+
+def omnizip_panels(queries: list[ph.PanelQuery]) -> list[ph.PanelQuery]:
+    """The panel queries pipeline.metrics feeds; the Serve and GPU ones are Ray's (see module doc)."""
+    assert {ph.source_of(q) for q in queries} == {"omnizip", "serve", "gpu"}
+    return [q for q in queries if ph.source_of(q) == "omnizip"]
 
 
 def test_every_panel_has_data_from_a_prometheus_client_exporter(tmp_path):
@@ -84,11 +156,14 @@ def test_every_panel_has_data_from_a_prometheus_client_exporter(tmp_path):
     t = threading.Thread(target=loop, daemon=True)
     t.start()
     try:
-        with ph.start_prometheus({"omnizip": [f"127.0.0.1:{port}"]}, tmp_path / "prom") as prom:
-            missing = ph.wait_for_panels(prom.url, ph.panel_queries(ph.load_dashboard()), 60)
+        # the shipped config's one job; its relabelling leaves omnizip_* names as they are
+        with ph.start_prometheus({"ray": [f"127.0.0.1:{port}"]}, tmp_path / "prom") as prom:
+            missing = ph.wait_for_panels(prom.url, omnizip_panels(ph.panel_queries(ph.load_dashboard())), 60)
             assert not missing, f"panels without data: {missing}"
-            up = ph.query(prom.url, 'up{job="omnizip"}')
+            up = ph.query(prom.url, 'up{job="ray"}')
             assert [s["value"][1] for s in up] == ["1"]
+            names = ph.query(prom.url, 'max by (stream, name) (omnizip_stream_info) == 1')
+            assert {(s["metric"]["stream"], s["metric"]["name"]) for s in names} == {("cam1", "camera 1"), ("cam2", "camera 2")}
     finally:
         stop.set()
         t.join()
@@ -135,9 +210,16 @@ def test_ray_backend_names_after_relabelling_match_the_dashboard(ray_session, tm
     ray.get([f.start.remote() for f in feeders])
     try:
         target = f"127.0.0.1:{ray_session['metrics_port']}"
+        queries = ph.panel_queries(ph.load_dashboard())
+        # this Ray runs no Serve app (tests/test_e2e_live.py checks those panels); the GPU
+        # panels must have data exactly when the node has a GPU
+        has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        expected = [q for q in queries if ph.source_of(q) == "omnizip" or (has_gpu and ph.source_of(q) == "gpu")]
         with ph.start_prometheus({"ray": [target]}, tmp_path / "prom") as prom:
-            missing = ph.wait_for_panels(prom.url, ph.panel_queries(ph.load_dashboard()), 90)
+            missing = ph.wait_for_panels(prom.url, expected, 90)
             assert not missing, f"panels without data: {missing}"
+            if not has_gpu:  # no GPU, no GPU series: the GPU panels stay empty, as they should
+                assert not any(ph.has_data(ph.query(prom.url, q.expr)) for q in queries if ph.source_of(q) == "gpu")
             names = set(ph.api(prom.url, "/api/v1/label/__name__/values"))
             assert set(pm.exported_names()) <= names
             assert not [n for n in names if n.startswith("ray_omnizip_")]
