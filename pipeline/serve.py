@@ -214,6 +214,16 @@ def _service_config(config: Any) -> Any:
     return ServiceConfig.from_env() if config is None else ServiceConfig.coerce(config)
 
 
+def _replica_id() -> str:
+    """This replica's id (Serve's, or a random one outside Serve)."""
+    try:
+        return str(serve.get_replica_context().replica_id.unique_id)
+    except Exception:
+        import uuid
+
+        return uuid.uuid4().hex
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=100)
 @serve.ingress(fastapi_app)
 class OmniZipAPI(ConsoleRoutes):
@@ -412,16 +422,6 @@ class OmniZipAPI(ConsoleRoutes):
     def _card(s: Mapping[str, Any]) -> dict[str, Any]:
         return ModelCard(id=s["id"], created=int(s.get("created") or 0), name=s.get("name"),
                          status=s.get("status")).model_dump()
-
-
-def _replica_id() -> str:
-    """This replica's id (Serve's, or a random one outside Serve)."""
-    try:
-        return str(serve.get_replica_context().replica_id.unique_id)
-    except Exception:
-        import uuid
-
-        return uuid.uuid4().hex
 
 
 def build_app(config: Any = None, gate: Mapping[str, Any] | None = None, **deployment_options: Any) -> serve.Application:
