@@ -84,8 +84,8 @@ class StreamService:
                 return
             await self._retire_others()
             for rec in await self._records():
-                if rec.id in self.ingest or rec.status in ("ended", "failed"):
-                    continue
+                if rec.id in self.ingest or rec.status in ("ended", "failed") or rec.extra.get("engine") != self.cfg.name:
+                    continue  # over, or another engine's (engines of other names may share a Redis)
                 try:
                     self.ingest[rec.id] = runtime.lookup(self.names.ingest(rec.id))
                 except ValueError:
@@ -310,6 +310,7 @@ class StreamService:
                 parsed, self.cfg.context_tokens, owner=owner,
                 worker=least_loaded([r.worker for r in running], self.encoders.ready() or self.encoders.members),
                 decoder=least_loaded([r.decoder for r in running], self.decoders.ready() or self.decoders.members))
+            rec.extra["engine"] = self.cfg.name  # whose stream it is: a later engine of this name takes it on
             rec = StreamRecord.from_dict(await self._io(self.store.create_stream, rec.to_dict()))
             self.known[rec.id] = rec
         self._info(rec)

@@ -90,3 +90,29 @@ def test_deleting_the_app_leaves_no_actor_behind(root: Path) -> None:
     serve.delete(APP)
     until(lambda: not ours(), 60, "every actor of the engine stopped")
     print(f"engine gone {time.monotonic() - t0:.1f} s after the app was deleted")
+
+
+def test_an_engine_takes_on_only_streams_of_its_own_name(ray_session: dict, redis_server: Any) -> None:
+    """Engines of different names may share one Redis: a starting engine takes on the running
+    streams of older engines of its own name only, never another name's."""
+    import ray
+
+    from pipeline.config import ServiceConfig
+    from pipeline.runtime import ActorNames
+    from pipeline.service import get_or_create_service, shutdown_engine
+    from test_engine_service import lavfi
+    a_cfg = {"name": "eng-share-a", "redis_url": redis_server.url, "allow_sources": "lavfi", "torch_threads": 1}
+    b_cfg = {**a_cfg, "name": "eng-share-b"}
+    a = get_or_create_service(a_cfg)
+    try:
+        sid = ray.get(a.create_stream.remote({"source": lavfi(30), "realtime": True}))["id"]
+        wait(a, sid, lambda st: st["windows"] >= 1, 120, "a window")
+        b = get_or_create_service(b_cfg)
+        assert sid in {s["id"] for s in ray.get(b.list_streams.remote())}  # it sees the shared store...
+        live = {x["name"] for x in ray.util.list_named_actors(all_namespaces=True)}
+        assert ActorNames.of(ServiceConfig.coerce(a_cfg)).ingest(sid) in live
+        assert ActorNames.of(ServiceConfig.coerce(b_cfg)).ingest(sid) not in live  # ...and leaves it alone
+        assert ray.get(a.get_stream.remote(sid))["status"] == "live"
+    finally:
+        shutdown_engine(b_cfg)
+        shutdown_engine(a_cfg)
