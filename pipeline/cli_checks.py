@@ -13,6 +13,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 import socket
 import sys
 from collections.abc import Iterator, Mapping
@@ -22,7 +23,8 @@ from typing import Any
 from pipeline.settings import SettingsError
 
 __all__ = ["PRESET_NAMES", "METHOD_NAMES", "DTYPE_NAMES", "check_source", "check_model", "check_dtype",
-           "check_stream_options", "check_port_free", "check_output", "check_store_url"]
+           "check_stream_options", "check_port_free", "check_output", "check_store_url", "parse_ray_address",
+           "check_ray_address"]
 
 PRESET_NAMES = ("tiny", "small", "3b", "7b")  # omnizip.models.PRESETS
 METHOD_NAMES = ("omnizip", "keep_all", "random", "fixed_ratio")  # omnizip.METHODS
@@ -151,7 +153,7 @@ def check_port_free(host: str, port: int) -> None:
 def check_store_url(url: str | None) -> None:
     """The store URL's form (no connection is made: Redis may come up after the service)."""
     if url and url != "memory://" and url.split("://", 1)[0] not in ("redis", "rediss", "unix"):
-        raise SettingsError(f"--redis-url: scheme must be redis://, rediss:// or unix:// (or none for the "
+        raise SettingsError("--redis-url: scheme must be redis://, rediss:// or unix:// (or none for the "
                             "in-process store)")
 
 
@@ -163,3 +165,52 @@ def check_output(path: str, suffixes: tuple[str, ...]) -> Path:
     if not p.parent.resolve().is_dir():
         raise SettingsError(f"-o {path!r}: no directory {str(p.parent)!r}")
     return p
+
+
+_RAY_ADDRESS = re.compile(r"^(ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?):([0-9]{1,5})$")
+RAY_ADDRESS_FORM = "must be host:port (the head's GCS port, as `ray start --head` prints it) or ray://host:port"
+
+
+def parse_ray_address(address: str) -> tuple[bool, str, int]:
+    """(Ray Client?, host, port) of a cluster address ``host:port`` or ``ray://host:port``;
+    ValueError with the form it must have."""
+    m = _RAY_ADDRESS.match(address.strip())
+    if m is None or not 1 <= int(m.group(4)) <= 65535:
+        raise ValueError(RAY_ADDRESS_FORM)
+    return bool(m.group(1)), m.group(2).strip("[]"), int(m.group(4))
+
+
+# an HTTP/2 client's opening (RFC 9113 3.4): the preface, then an empty SETTINGS frame; a gRPC
+# server (Ray's GCS, the Ray Client server) answers with a SETTINGS frame of its own
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def check_ray_address(address: str, where: str = "--ray-address", timeout_s: float = 3.0) -> None:
+    """The cluster's address has the right form and a gRPC server answers there (as Ray's GCS
+    and the Ray Client server do): ray.init would otherwise wait minutes on a wrong address."""
+    try:
+        client, host, port = parse_ray_address(address)
+    except ValueError as e:
+        raise SettingsError(f"{where} {address!r}: {e}") from None
+    hint = (f"is the cluster up? (`ray start --head --port {port}` starts a head there)" if not client else
+            "is the cluster up and its Ray Client server on that port?")
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as sock:
+            sock.settimeout(timeout_s)
+            sock.sendall(_H2_PREFACE)
+            head = b""
+            while len(head) < 9:
+                chunk = sock.recv(9 - len(head))
+                if not chunk:
+                    break
+                head += chunk
+    except socket.gaierror as e:
+        raise SettingsError(f"{where} {address}: cannot resolve {host!r} ({e.strerror or e})") from None
+    except TimeoutError:
+        raise SettingsError(f"{where} {address}: nothing answers there within {timeout_s:g} s; {hint}") from None
+    except OSError as e:
+        raise SettingsError(f"{where} {address}: nothing answers there ({e.strerror or type(e).__name__}); "
+                            f"{hint}") from None
+    if len(head) < 9 or head[3] != 0x04:  # not an HTTP/2 SETTINGS frame
+        raise SettingsError(f"{where} {address}: something listens there but it is not a Ray cluster (no gRPC "
+                            "answer); give the head's GCS address (host:port, as `ray start --head` prints it)")

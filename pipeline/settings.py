@@ -53,6 +53,7 @@ class _Base(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     metrics_port: int | None = Field(None, ge=1, le=65535)
     log_level: str = "warning"
+    ray_address: str | None = None  # a running cluster to attach to (else a local Ray of the command's own)
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -60,6 +61,16 @@ class _Base(BaseSettings):
         from pipeline.gate import parse_keys
 
         return list(parse_keys(v)) if isinstance(v, (str, list, tuple)) else v
+
+    @field_validator("ray_address", mode="before")
+    @classmethod
+    def _ray_address(cls, v: Any) -> Any:
+        from pipeline.cli_checks import parse_ray_address
+
+        if isinstance(v, str) and v.strip():
+            parse_ray_address(v)  # ValueError: the form it must have
+            return v.strip()
+        return v
 
     @field_validator("log_level", mode="before")
     @classmethod

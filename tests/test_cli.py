@@ -75,6 +75,11 @@ FAILURES = [
     (["serve"], {"OMNIZIP_API_KEYS": "x y"}, "API key #1"),
     (["serve", "--port", "{busy}"], {}, "cannot listen on 127.0.0.1"),
     (["serve"], {"OMNIZIP_REQUESTS_PER_S": "-1"}, "OMNIZIP_REQUESTS_PER_S"),
+    (["serve", "--ray-address", "head-without-port"], {}, "--ray-address: must be host:port"),
+    (["serve"], {"OMNIZIP_RAY_ADDRESS": "http://head:6379"}, "OMNIZIP_RAY_ADDRESS: must be host:port"),
+    (["serve", "--ray-address", "127.0.0.1:{closed}"], {}, "nothing answers there (Connection refused)"),
+    (["run", CLIP, "-q", "hi", "--ray-address", "ray://127.0.0.1:{closed}"], {}, "nothing answers there"),
+    (["demo"], {"RAY_ADDRESS": "127.0.0.1:{closed}"}, "RAY_ADDRESS 127.0.0.1:"),
     (["viz", CLIP, "-o", "out.gif"], {}, "must end in .png or .mp4"),
     (["viz", CLIP, "-o", "/no/such/dir/out.png"], {}, "no directory"),
     (["viz", "rtmp://x/y", "-o", "out.png"], {}, "unsupported source scheme"),
@@ -86,11 +91,14 @@ def test_refusals_are_one_line_rc2_under_a_second(args: list[str], extra: dict, 
                                                   bad_config: dict[str, Path]) -> None:
     import socket
 
-    with socket.socket() as busy:
+    with socket.socket() as busy, socket.socket() as closed:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        subs = {**{k: str(v) for k, v in bad_config.items()}, "busy": str(busy.getsockname()[1])}
-        argv = [a.format(**subs) if "{" in a and "}" in a and a.strip("{}") in subs else a for a in args]
+        closed.bind(("127.0.0.1", 0))  # bound, not listening: a connection is refused
+        subs = {**{k: str(v) for k, v in bad_config.items()}, "busy": str(busy.getsockname()[1]),
+                "closed": str(closed.getsockname()[1])}
+        argv = [a.format(**subs) if "{" in a and "}" in a else a for a in args]
+        extra = {k: v.format(**subs) for k, v in extra.items()}
         best = None
         for _ in range(3):  # the best of three: a busy machine's hiccup is not the CLI's time
             r, took = cli(*argv, **extra)
@@ -103,6 +111,43 @@ def test_refusals_are_one_line_rc2_under_a_second(args: list[str], extra: dict, 
     assert r.stdout == ""
     assert best < 1.0, f"took {best:.2f} s"
     print(f"{' '.join(args)[:70]}: {best:.2f} s")
+
+
+def test_ray_address_check_tells_a_ray_head_from_other_listeners(ray_session: dict) -> None:
+    """A Ray head (the session's GCS) passes, in milliseconds; a listener that is not gRPC, or
+    that never answers, is refused in one line before ray.init could wait minutes on it."""
+    import socket
+    import threading
+
+    import ray
+
+    from pipeline.cli_checks import check_ray_address
+    from pipeline.settings import SettingsError
+
+    port = ray.get_runtime_context().gcs_address.rsplit(":", 1)[1]
+    t = time.perf_counter()
+    check_ray_address(f"127.0.0.1:{port}")
+    assert time.perf_counter() - t < 0.5
+    with socket.socket() as http, socket.socket() as mute:
+        http.bind(("127.0.0.1", 0))
+        http.listen()
+        mute.bind(("127.0.0.1", 0))
+        mute.listen()
+
+        def answer() -> None:  # an HTTP/1 server: a status line for whatever comes
+            conn, _ = http.accept()
+            with conn:
+                conn.recv(1024)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+        threading.Thread(target=answer, daemon=True).start()
+        with pytest.raises(SettingsError, match="not a Ray cluster"):
+            check_ray_address(f"127.0.0.1:{http.getsockname()[1]}")
+        with pytest.raises(SettingsError, match="nothing answers there within 0.5 s"):
+            check_ray_address(f"127.0.0.1:{mute.getsockname()[1]}", timeout_s=0.5)
+    for bad in ("auto", "127.0.0.1", "127.0.0.1:0", "127.0.0.1:70000", "http://h:1", "ray://h", "h:1:2"):
+        with pytest.raises(SettingsError, match="must be host:port"):
+            check_ray_address(bad)
 
 
 def test_version() -> None:

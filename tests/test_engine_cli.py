@@ -1,5 +1,5 @@
 """`omnizip-stream demo` and `run` as a user runs them (subprocesses), attached to the session's
-Ray through RAY_ADDRESS so the suite keeps one Ray."""
+Ray (demo with --ray-address, run through Ray's own RAY_ADDRESS) so the suite keeps one Ray."""
 
 from __future__ import annotations
 
@@ -17,15 +17,22 @@ import media_fixtures
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def cli(*args: str, timeout: float = 240, flag: bool = False) -> subprocess.CompletedProcess:
+    """The command attached to the session's Ray: ``flag``: by --ray-address 127.0.0.1:PORT, else
+    by RAY_ADDRESS (Ray's own variable, as its GCS address reads)."""
     import ray
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    gcs = ray.get_runtime_context().gcs_address
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "OMNIZIP_RAY_ADDRESS")}
+    if flag:
+        args = (*args, "--ray-address", "127.0.0.1:" + gcs.rsplit(":", 1)[1])
+    else:
+        env["RAY_ADDRESS"] = gcs
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
 def test_demo_prints_each_window_and_an_answer(ray_session: dict) -> None:
-    r = cli("demo")
+    r = cli("demo", flag=True)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("window ")]
     assert len(lines) == 6, r.stdout
