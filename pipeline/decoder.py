@@ -100,7 +100,13 @@ class DecoderActor:
                 st.last = st.received = stored[-1].index
                 st.timing = Timing(stored[-1].media_start, stored[-1].media_end, stored[-1].fields.get("t0"))
                 self.rebuilds += 1
-                self.metrics.reconnect("actor", sid)
+                moved = rec.extra.get("moved_decoder") == self.index  # the engine moved it here: not a fault
+                self.metrics.reconnect("move" if moved else "actor", sid)
+                if moved:
+                    try:
+                        self.store.update_stream(sid, {"moved_decoder": None})
+                    except Exception:  # informative only
+                        pass
             with self.cond:
                 self.queues.open(sid, st.last)
                 self.queues.restore_drops(sid, rec.extra.get("decoder_drops") or {})

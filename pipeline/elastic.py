@@ -3,9 +3,11 @@ members by index (their names say it: "<engine>-encoder-3"), their last health, 
 and stopping one. The decisions are pipeline.pool's; moving a stream is the service's (it owns
 the records and the ingest actors).
 
-A member that stops answering is given ``grace_s`` to come back (Ray restarts a dead actor on
-any node that can host it, a lost node's included); after that it counts as gone and its
-streams move to the members that are up, continuing from the store.
+A member that was up and stops answering is *restarting* for ``grace_s`` (Ray restarts a dead
+actor on any node that can host it, a lost node's included): its streams wait for it. After
+that it is *gone*: its streams move to the members that are up, continuing from the store. A new
+member is *starting* until it first answers (placing it may wait for a node an autoscaler adds);
+it gets no stream until then, and one that never answers within ``start_grace_s`` is given up.
 """
 
 from __future__ import annotations
@@ -30,12 +32,15 @@ HEALTH_TIMEOUT_S = 3.0
 class Pool:
     """One kind of model actor, ``low`` to ``high`` of them."""
 
-    def __init__(self, kind: str, bounds: Bounds, start: Callable[[int], Any], grace_s: float) -> None:
+    def __init__(self, kind: str, bounds: Bounds, start: Callable[[int], Any], grace_s: float,
+                 start_grace_s: float = 600.0) -> None:
         self.kind = kind
         self.bounds = bounds
         self._start = start
         self.grace_s = grace_s
+        self.start_grace_s = start_grace_s
         self.members: dict[int, Any] = {}
+        self._was_up: set[int] = set()  # members that have answered at least once
         self.health: dict[int, dict] = {}  # the last answer of each member that answered
         self._unready_since: dict[int, float] = {}
         self._calm_since: float | None = None
@@ -57,6 +62,7 @@ class Pool:
         h = self.members.pop(i, None)
         self.health.pop(i, None)
         self._unready_since.pop(i, None)
+        self._was_up.discard(i)
         if h is not None:
             log.info("%s pool: member %d stopped (%d members)", self.kind, i, len(self.members))
             try:
@@ -84,6 +90,7 @@ class Pool:
             if ok:
                 self.health[i] = a
                 self._unready_since.pop(i, None)
+                self._was_up.add(i)
             else:
                 self._unready_since.setdefault(i, now)
             h = self.health.get(i, {})
@@ -94,13 +101,16 @@ class Pool:
         return sorted(i for i in self.members if i not in self._unready_since)
 
     def gone(self) -> list[int]:
-        """Members that have not answered for longer than the grace period."""
+        """Members that were up and have not answered for longer than the grace period, and
+        members that never answered within the start grace period."""
         now = time.monotonic()
-        return sorted(i for i, t in self._unready_since.items() if now - t > self.grace_s)
+        return sorted(i for i, t in self._unready_since.items()
+                      if now - t > (self.grace_s if i in self._was_up else self.start_grace_s))
 
-    def settling(self) -> bool:
-        """Some member is not up yet but still within its grace period (starting or restarting)."""
-        return bool(set(self._unready_since) - set(self.gone()))
+    def restarting(self) -> list[int]:
+        """Members that were up and are silent, still within their grace period: their streams wait."""
+        gone = set(self.gone())
+        return sorted(i for i in self._unready_since if i in self._was_up and i not in gone)
 
     def calm_for(self, wants_fewer: bool) -> float:
         """How long the pool has wanted fewer members without a break (0 when it does not)."""

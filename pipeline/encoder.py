@@ -184,12 +184,24 @@ class EncoderWorker:
             st.stats.harder = int(state["harder"])
             st.stats.tokens = TokenCounts(**state["tokens"])
             st.restored = True
-            self.metrics.reconnect("actor", sid)
+            self._count_resume(sid, rec)
         self.queues.open(sid, done_through)
         if saved is not None:
             self.queues.restore_drops(sid, state["drops"])
         self.streams[sid] = st
         return st
+
+    def _count_resume(self, sid: str, rec: StreamRecord) -> None:
+        """A stream resumed from the store: after a restart (omnizip_reconnects{component="actor"}),
+        or moved here by the engine (not a fault: counted as component="move")."""
+        if rec.extra.get("moved_worker") == self.index:
+            self.metrics.reconnect("move", sid)
+            try:
+                self.store.update_stream(sid, {"moved_worker": None})
+            except Exception:  # informative only
+                pass
+        else:
+            self.metrics.reconnect("actor", sid)
 
     # -- the loop: take -> run -> emit --
     def _loop(self) -> None:

@@ -27,7 +27,7 @@ PREFIX = "omnizip_"
 STAGES = ("decode", "encode", "compress", "prefill")
 MODALITIES = ("audio", "video")
 DROP_REASONS = ("behind_live", "queue_full", "error")
-RECONNECT_COMPONENTS = ("source", "redis", "actor")
+RECONNECT_COMPONENTS = ("source", "redis", "actor", "move")  # move: the engine moved the stream (not a fault)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 RATE_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)

@@ -196,21 +196,18 @@ class StreamService:
                 pool.grow()
             elif pool.calm_for(target < len(members)) >= self.cfg.scale_down_after_s:
                 leaving = max(gone) if gone else max(pool.members)
-            if pool.settling():
-                continue  # a member is starting or restarting: move nothing until it is up or gone
             homes = [i for i in pool.ready() if i != leaving]
-            if not homes:
-                continue
-            for mv in rebalance({r.id: getattr(r, field) for r in self.known.values()}, homes):
+            waiting = set(pool.restarting())  # their streams wait for them to come back
+            where = {r.id: getattr(r, field) for r in self.known.values() if getattr(r, field) not in waiting}
+            for mv in rebalance(where, homes) if homes else []:
                 if await self._move(field, mv.stream_id, mv.src, mv.dst):
                     moved.append({"stream": mv.stream_id, "pool": pool.kind, "from": mv.src, "to": mv.dst})
-            if leaving is not None and not any(getattr(r, field) == leaving for r in self.known.values()):
-                pool.stop(leaving)
-                pool.calm_for(False)
-            for i in gone:  # away past its grace (no node can host it): stopped once its streams moved
+            for i in ([leaving] if leaving is not None else []) + gone:
                 if i in pool.members and not any(getattr(r, field) == i for r in self.known.values()):
-                    log.warning("%s pool: member %d did not come back; stopping it", pool.kind, i)
+                    if i in gone:
+                        log.warning("%s pool: member %d did not answer in time; stopping it", pool.kind, i)
                     pool.stop(i)
+                    pool.calm_for(False)
         return moved
 
     async def _move(self, field: str, sid: str, src: int, dst: int) -> bool:
@@ -220,7 +217,8 @@ class StreamService:
         which continues from the store."""
         pool = self.encoders if field == "worker" else self.decoders
         try:
-            rec = StreamRecord.from_dict(await self._io(self.store.update_stream, sid, {field: dst}))
+            # moved_<field>: the member that loads it knows it is a planned move, not a restart
+            rec = StreamRecord.from_dict(await self._io(self.store.update_stream, sid, {field: dst, f"moved_{field}": dst}))
         except Exception as exc:
             log.warning("stream %s: not moved: %r", sid, exc)
             return False

@@ -22,7 +22,7 @@ SECONDS = 20  # 10 windows in real time: the redeploy happens while the stream r
 
 def config(root: Path, **changes: Any) -> dict[str, Any]:
     return {"name": "eng-life", "allow_sources": "file", "file_roots": str(root), "torch_threads": 1,
-            "ingest_cpus": 0.05, **changes}
+            "ingest_cpus": 0.02, "cpus_per_actor": 0.05, **changes}
 
 
 def ours() -> set[str]:
