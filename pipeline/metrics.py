@@ -20,14 +20,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["SPECS", "STAGES", "MODALITIES", "DROP_REASONS", "RECONNECT_COMPONENTS", "Metrics",
-           "get_metrics", "start_exporter", "exported_names"]
+__all__ = ["SPECS", "STAGES", "MODALITIES", "DROP_REASONS", "RECONNECT_COMPONENTS", "POOLS", "POOL_STATES",
+           "Metrics", "get_metrics", "start_exporter", "exported_names"]
 
 PREFIX = "omnizip_"
 STAGES = ("decode", "encode", "compress", "prefill")
 MODALITIES = ("audio", "video")
 DROP_REASONS = ("behind_live", "queue_full", "error")
 RECONNECT_COMPONENTS = ("source", "redis", "actor", "move")  # move: the engine moved the stream (not a fault)
+POOLS = ("encoder", "decoder")  # the engine's elastic pools (pipeline.elastic)
+POOL_STATES = ("ready", "starting", "restarting")  # a pool member as the last health round saw it
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 RATE_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
@@ -78,6 +80,17 @@ SPECS: tuple[MetricSpec, ...] = (
     MetricSpec("omnizip_stream_info", "gauge",
                "1 for each stream, labelled with its name: dashboards join it on `stream` "
                "(* on(stream) group_left(name)) to show names instead of ids.", ("stream", "name")),
+    MetricSpec("omnizip_pool_members", "gauge",
+               "Members of an elastic pool (encoder workers or decoders) by state: ready (answering), "
+               "starting (not yet answered once), restarting (was up, silent within its grace).",
+               ("pool", "state")),
+    MetricSpec("omnizip_pool_min", "gauge",
+               "The configured lower bound of an elastic pool's members.", ("pool",)),
+    MetricSpec("omnizip_pool_max", "gauge",
+               "The configured upper bound of an elastic pool's members.", ("pool",)),
+    MetricSpec("omnizip_stream_moves", "counter",
+               "Streams the engine moved from one pool member to another (a member joined, left or "
+               "stayed away past its grace); the stream continues from the store.", ("pool",)),
 )
 _BY_NAME = {s.name: s for s in SPECS}
 
@@ -121,6 +134,9 @@ class _PromBackend:
 
     def observe(self, name: str, value: float, tags: Mapping[str, str]) -> None:
         self._child(name, tags).observe(value)
+
+    def prime(self, name: str, tags: Mapping[str, str]) -> None:
+        self._child(name, tags)  # a labelled child starts at 0 and is exported from then on
 
     def drop(self, name: str, tags: Mapping[str, str]) -> None:
         m = self.m[name]
@@ -197,6 +213,15 @@ class _RayBackend:
     def observe(self, name: str, value: float, tags: Mapping[str, str]) -> None:
         self.m[name].observe(value, tags=dict(tags) or None)
 
+    def prime(self, name: str, tags: Mapping[str, str]) -> None:
+        # Counter.inc refuses 0; recording 0 through the metric's own _record exports the series
+        # at 0 (tests/test_metrics.py checks it against the installed Ray). If a Ray release
+        # changes that, the series appears at its first increment instead, as without priming.
+        try:
+            self.m[name]._record(0.0, tags=dict(tags) or None)
+        except Exception:
+            pass
+
     def forget(self, label: str, value: str) -> None:
         # Ray cannot drop a series: stop re-recording the stream's gauges and set them to 0, so
         # dashboards read 0 until Ray's exporter lets the series go
@@ -229,6 +254,14 @@ def _num(value: float, what: str, minimum: float = 0.0) -> float:
     return v
 
 
+def _count(value: int, what: str, minimum: int = 0) -> float:
+    """A whole number >= minimum (a member count), as the float the backends record."""
+    v = _num(value, what, minimum)
+    if isinstance(value, bool) or not v.is_integer():  # also rejects infinity
+        raise ValueError(f"{what} must be a whole number >= {minimum}, got {value!r}")
+    return v
+
+
 class Metrics:
     """Typed recording helpers over one backend; safe to call from many threads."""
 
@@ -245,6 +278,7 @@ class Metrics:
         self.backend = backend
         self._names: dict[str, str] = {}  # stream -> the name its info series carries
         self._names_lock = threading.Lock()
+        self._primed: set[str] = set()  # pools whose moves counter is exported (from 0)
 
     @property
     def registry(self) -> Any:
@@ -317,6 +351,37 @@ class Metrics:
                 self._b.drop("omnizip_stream_info", {"stream": stream_id, "name": old})
             self._names[stream_id] = label
             self._b.set("omnizip_stream_info", 1.0, {"stream": stream_id, "name": label})
+
+    def set_pool(self, pool: str, ready: int, starting: int, restarting: int, low: int, high: int) -> None:
+        """One elastic pool as the engine's scaling round left it: its members by state
+        (``omnizip_pool_members{pool, state}``, every state set, 0 included) and its bounds
+        (``omnizip_pool_min{pool}``, ``omnizip_pool_max{pool}``). ``pool``: encoder or decoder.
+        The first call for a pool also exports its ``omnizip_stream_moves_total{pool}`` at 0, so
+        the first move shows in ``rate()``/``increase()`` (a counter series that appears at 1
+        shows no increase)."""
+        tags = {"pool": _check(pool, POOLS, "pool")}
+        counts = dict(zip(POOL_STATES, (_count(ready, "ready"), _count(starting, "starting"),
+                                        _count(restarting, "restarting"))))
+        lo, hi = _count(low, "low"), _count(high, "high")
+        if lo > hi:
+            raise ValueError(f"pool bounds need low <= high, got low={low!r} high={high!r}")
+        for state, n in counts.items():
+            self._b.set("omnizip_pool_members", n, {**tags, "state": state})
+        self._b.set("omnizip_pool_min", lo, tags)
+        self._b.set("omnizip_pool_max", hi, tags)
+        with self._names_lock:
+            first = pool not in self._primed
+            self._primed.add(pool)
+        if first:
+            self._b.prime("omnizip_stream_moves", tags)
+
+    def stream_moved(self, pool: str, n: int = 1) -> None:
+        """``n`` streams moved by the engine from one member of ``pool`` (encoder or decoder)
+        to another (``omnizip_stream_moves_total{pool}``)."""
+        tags = {"pool": _check(pool, POOLS, "pool")}
+        v = _count(n, "n")
+        if v > 0:  # Ray's counters refuse 0
+            self._b.inc("omnizip_stream_moves", v, tags)
 
     def forget_stream(self, stream: str) -> None:
         """A deleted stream's series stop being exported (prometheus) or read 0 (ray), its

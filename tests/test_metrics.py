@@ -34,8 +34,13 @@ def exported():
 
 def test_specs_cover_issue_5_and_share_the_prefix():
     names = {s.name for s in pm.SPECS}
-    assert all(n.startswith("omnizip_") for n in names) and len(names) == len(pm.SPECS) == 13
+    assert all(n.startswith("omnizip_") for n in names) and len(names) == len(pm.SPECS) == 17
     kinds = {s.name: s.kind for s in pm.SPECS}
+    labels = {s.name: s.labels for s in pm.SPECS}
+    assert kinds["omnizip_pool_members"] == kinds["omnizip_pool_min"] == kinds["omnizip_pool_max"] == "gauge"
+    assert labels["omnizip_pool_members"] == ("pool", "state") and labels["omnizip_pool_max"] == ("pool",)
+    assert kinds["omnizip_stream_moves"] == "counter" and labels["omnizip_stream_moves"] == ("pool",)
+    assert "omnizip_stream_moves_total" in pm.exported_names()
     assert kinds["omnizip_window_latency_seconds"] == "histogram"
     assert kinds["omnizip_answer_ttft_seconds"] == "histogram"
     assert kinds["omnizip_tokens_in"] == kinds["omnizip_dropped_windows"] == "counter"
@@ -62,6 +67,9 @@ def test_every_helper_lands_in_the_scrape(exported):
     m.set_queue_depth("encoder-0", 3)
     m.observe_batch(4)
     m.stream_info("cam1", "Lobby camera")
+    m.set_pool("encoder", ready=2, starting=1, restarting=0, low=1, high=4)
+    m.stream_moved("encoder")
+    m.stream_moved("encoder", n=3)
     got = scrape(port)
 
     def v(metric, **labels):
@@ -81,6 +89,9 @@ def test_every_helper_lands_in_the_scrape(exported):
     assert v("omnizip_queue_depth", queue="encoder-0") == 3
     assert v("omnizip_encoder_batch_size_bucket", le="4.0") == 1
     assert v("omnizip_stream_info", stream="cam1", name="Lobby camera") == 1
+    assert v("omnizip_pool_members", pool="encoder", state="starting") == 1
+    assert v("omnizip_pool_max", pool="encoder") == 4
+    assert v("omnizip_stream_moves_total", pool="encoder") == 4
     present = {name for name, _ in got}
     assert set(pm.exported_names()) <= present
 
@@ -94,6 +105,52 @@ def test_forget_stream_drops_its_series(exported):
     streams = {dict(labels).get("stream") for (name, labels) in scrape(port)
                if name.startswith("omnizip_") and "stream" in dict(labels)}
     assert streams == {"b"}
+
+
+def pool_series(port: int, prefix: str = "", worker: str | None = None) -> dict[tuple, float]:
+    """The pool metrics of a scrape: {(name without ``prefix``, pool[, state]): value}; under Ray
+    only the series of the worker process ``worker`` (Ray's ``WorkerId`` label) when given."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out: dict[tuple, float] = {}
+    names = {prefix + n: n for n in ("omnizip_pool_members", "omnizip_pool_min", "omnizip_pool_max",
+                                     "omnizip_stream_moves_total")}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name in names and (worker is None or s.labels.get("WorkerId") == worker):
+                key = (names[s.name], s.labels["pool"], *([s.labels["state"]] if "state" in s.labels else []))
+                out[key] = max(out.get(key, float("-inf")), s.value)
+    return out
+
+
+def test_pools_and_moves(exported):
+    """set_pool exports every state (0 included) and both bounds, a later round's counts replace
+    the earlier ones, a pool's moves counter is exported at 0 from its first set_pool (so its
+    first move shows in rate()), and forgetting a stream leaves the pools alone."""
+    m, port = exported
+    m.set_pool("encoder", ready=1, starting=1, restarting=0, low=1, high=3)
+    m.set_pool("decoder", ready=1, starting=0, restarting=0, low=1, high=1)
+    assert pool_series(port) == {
+        ("omnizip_pool_members", "encoder", "ready"): 1, ("omnizip_pool_members", "encoder", "starting"): 1,
+        ("omnizip_pool_members", "encoder", "restarting"): 0,
+        ("omnizip_pool_members", "decoder", "ready"): 1, ("omnizip_pool_members", "decoder", "starting"): 0,
+        ("omnizip_pool_members", "decoder", "restarting"): 0,
+        ("omnizip_pool_min", "encoder"): 1, ("omnizip_pool_max", "encoder"): 3,
+        ("omnizip_pool_min", "decoder"): 1, ("omnizip_pool_max", "decoder"): 1,
+        ("omnizip_stream_moves_total", "encoder"): 0, ("omnizip_stream_moves_total", "decoder"): 0}
+    # the next round: the starting member answered, another one went silent; two streams moved
+    m.set_pool("encoder", ready=1, starting=0, restarting=1, low=1, high=3)
+    m.stream_moved("encoder", 2)
+    m.stream_moved("decoder", 0)  # nothing moved: no change (and no error under Ray)
+    m.record_window("cam1", {"audio": 10}, {"audio": 5})
+    m.forget_stream("cam1")
+    got = pool_series(port)
+    assert got[("omnizip_pool_members", "encoder", "ready")] == 1
+    assert got[("omnizip_pool_members", "encoder", "starting")] == 0
+    assert got[("omnizip_pool_members", "encoder", "restarting")] == 1
+    assert got[("omnizip_stream_moves_total", "encoder")] == 2
+    assert got[("omnizip_stream_moves_total", "decoder")] == 0
+    assert len(got) == 12
 
 
 def info_series(port: int, prefix: str = "") -> dict[tuple[str, str], float]:
@@ -186,11 +243,75 @@ def test_ray_gauges_stay_exported_and_names_follow_renames(ray_session):
     (lambda m: m.reconnect("gpu"), "component"),
     (lambda m: m.observe_answer(ttft_s=2.0, n_tokens=3, total_s=1.0), "total_s"),
     (lambda m: m.observe_batch(0), "batch size"),
+    (lambda m: m.set_pool("gpu", 1, 0, 0, 1, 2), "pool"),
+    (lambda m: m.set_pool("encoder", -1, 0, 0, 1, 2), "ready"),
+    (lambda m: m.set_pool("encoder", 1, 0.5, 0, 1, 2), "starting"),
+    (lambda m: m.set_pool("encoder", 1, 0, float("nan"), 1, 2), "restarting"),
+    (lambda m: m.set_pool("encoder", 1, 0, 0, 3, 2), "low <= high"),
+    (lambda m: m.set_pool("encoder", 1, 0, 0, 1, float("inf")), "high"),
+    (lambda m: m.set_pool("decoder", True, 0, 0, 1, 2), "ready"),
+    (lambda m: m.stream_moved("ingest"), "pool"),
+    (lambda m: m.stream_moved("encoder", -1), "n"),
+    (lambda m: m.stream_moved("encoder", 1.5), "n"),
 ])
 def test_bad_values_are_rejected(call, match):
     m = pm.Metrics("prometheus", registry=CollectorRegistry())
     with pytest.raises(ValueError, match=match):
         call(m)
+
+
+def test_ray_pools_and_moves(ray_session):
+    """Under Ray (recorded in an actor, read from the node's metrics agent): the pool gauges stay
+    exported while nothing changes (re-recorded), a new round's counts replace the old ones, and
+    a pool's moves counter is exported at 0 from its first set_pool (Ray's Counter.inc refuses 0)."""
+    import time
+
+    import ray
+
+    @ray.remote(num_cpus=0.1)
+    class Pools:
+        def __init__(self):
+            from pipeline import metrics
+            self.m = metrics.get_metrics()
+
+        def run(self, *calls):
+            for name, args in calls:
+                getattr(self.m, name)(*args)
+            return self.m.backend, ray.get_runtime_context().get_worker_id()
+
+    def wait(port: int, want: dict, timeout_s: float = 30.0) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            got = pool_series(port, "ray_", worker)
+            if all(got.get(k) == v for k, v in want.items()) or time.monotonic() > deadline:
+                return got
+            time.sleep(0.3)
+
+    port = ray_session["metrics_port"]
+    a = Pools.remote()
+    try:
+        # only this actor's series: other tests' actors record pools on the same node
+        backend, worker = ray.get(a.run.remote(("set_pool", ("encoder", 2, 1, 0, 1, 4)),
+                                               ("set_pool", ("decoder", 1, 0, 0, 1, 2)),
+                                               ("stream_moved", ("encoder", 3))))
+        assert backend == "ray"
+        want = {("omnizip_pool_members", "encoder", "ready"): 2, ("omnizip_pool_members", "encoder", "starting"): 1,
+                ("omnizip_pool_members", "encoder", "restarting"): 0, ("omnizip_pool_members", "decoder", "ready"): 1,
+                ("omnizip_pool_min", "encoder"): 1, ("omnizip_pool_max", "encoder"): 4,
+                ("omnizip_pool_max", "decoder"): 2,
+                ("omnizip_stream_moves_total", "encoder"): 3, ("omnizip_stream_moves_total", "decoder"): 0}
+        got = wait(port, want)
+        assert {k: got.get(k) for k in want} == want, got
+        time.sleep(5)  # five report intervals (conftest: 1 s) without a new value: still there
+        got = pool_series(port, "ray_", worker)
+        assert {k: got.get(k) for k in want} == want, got
+        ray.get(a.run.remote(("set_pool", ("encoder", 3, 0, 0, 1, 4)), ("stream_moved", ("decoder", 1))))
+        want.update({("omnizip_pool_members", "encoder", "ready"): 3, ("omnizip_pool_members", "encoder", "starting"): 0,
+                     ("omnizip_stream_moves_total", "decoder"): 1})
+        got = wait(port, want)
+        assert {k: got.get(k) for k in want} == want, got
+    finally:
+        ray.kill(a)
 
 
 def test_backend_choice(monkeypatch):

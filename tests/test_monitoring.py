@@ -20,7 +20,9 @@ from redis_helpers import free_port
 
 
 def feed(m: pm.Metrics, k: int) -> None:
-    """What the pipeline records for one window of each of two streams, and one answer."""
+    """What the pipeline records for one window of each of two streams, and one answer; and what
+    the engine's scaling round records: both pools, with encoder streams moving now and then
+    and no decoder stream ever moving (its moves panel series must still read 0)."""
     for stream in ("cam1", "cam2"):
         m.stream_info(stream, f"camera {stream[-1]}")
         for stage, t in zip(pm.STAGES, (0.01, 0.2, 0.03, 0.1)):
@@ -35,6 +37,11 @@ def feed(m: pm.Metrics, k: int) -> None:
             m.reconnect("source", stream)
     m.observe_batch(1 + k % 4)
     m.observe_answer(ttft_s=0.2 + 0.01 * (k % 10), n_tokens=32, total_s=1.5)
+    m.set_pool("encoder", ready=1 + k % 3, starting=1 if k % 3 == 0 else 0, restarting=1 if k % 5 == 0 else 0,
+               low=1, high=4)
+    m.set_pool("decoder", ready=1, starting=0, restarting=0, low=1, high=2)
+    if k % 3 == 1:
+        m.stream_moved("encoder")
 
 
 def serve_and_gpu_names() -> dict[str, set[str]]:
@@ -56,7 +63,7 @@ def test_dashboard_parses_and_covers_every_metric():
     dash = ph.load_dashboard()
     assert dash.uid == "omnizip-stream" and dash.title
     queries = ph.panel_queries(dash)
-    assert len(dash.panels) >= 18 and len(queries) >= 18
+    assert len(dash.panels) >= 20 and len(queries) >= 20
     text = " ".join(q.expr for q in queries)
     for spec in pm.SPECS:
         assert spec.name in text, f"no panel shows {spec.name}"
@@ -70,6 +77,27 @@ def test_dashboard_parses_and_covers_every_metric():
     # names joined on the per-stream panels; the name variable filters them
     per_stream = [q for q in queries if 'stream=~".*"' in q.expr and "by (stream" in q.expr]
     assert per_stream and all("group_left(name)" in q.expr for q in per_stream)
+
+
+def test_pool_panels():
+    """Pools: members by pool and state, with the pool's min and max as dashed lines; Stream
+    moves: the moves' rate by pool."""
+    raw = json.loads(ph.DASHBOARD.read_text())
+    panels = {p["title"]: p for p in raw["panels"]}
+    pools, moves = panels["Pools"], panels["Stream moves"]
+    exprs = {t["refId"]: (t["expr"], t["legendFormat"]) for t in pools["targets"]}
+    assert exprs["A"] == ("sum by (pool, state) (omnizip_pool_members)", "{{pool}} {{state}}")
+    assert exprs["B"] == ("sum by (pool) (omnizip_pool_min)", "{{pool}} min")
+    assert exprs["C"] == ("sum by (pool) (omnizip_pool_max)", "{{pool}} max")
+    dashed = {o["matcher"]["options"] for o in pools["fieldConfig"]["overrides"]
+              if o["matcher"]["id"] == "byFrameRefID"
+              and {"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [10, 10]}} in o["properties"]}
+    assert dashed == {"B", "C"}
+    (t,) = moves["targets"]
+    assert t["expr"] == "sum by (pool) (rate(omnizip_stream_moves_total[$__rate_interval]))" and t["legendFormat"] == "{{pool}}"
+    # parsed the same way by the SDK
+    by_panel = {q.panel for q in ph.panel_queries(ph.load_dashboard())}
+    assert {"Pools", "Stream moves"} <= by_panel
 
 
 def test_dashboard_datasource_is_a_variable():
@@ -103,7 +131,7 @@ def test_panel_queries_refuse_unknown_variables():
 
 def test_promtool_checks(tmp_path):
     r = ph.promtool("check", "rules", str(ph.MONITORING / "alerts.yml"))
-    assert r.returncode == 0 and "5 rules found" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and "6 rules found" in r.stdout, r.stdout + r.stderr
     r = ph.promtool("test", "rules", "alerts_test.yml", cwd=ph.MONITORING)
     assert r.returncode == 0 and "SUCCESS" in r.stdout, r.stdout + r.stderr
     r = ph.promtool("check", "config", str(ph.MONITORING / "prometheus.yml"))
@@ -130,13 +158,37 @@ def test_alerts_are_about_what_exists():
             assert metric == "up" or metric in exported, (rule["alert"], metric)
         for job in re.findall(r'job=~?"([^"]+)"', rule["expr"]):
             assert job in jobs, (rule["alert"], job)
-    assert {r["alert"] for r in rules} >= {"RayNodeMetricsDown", "OmnizipEngineActorRestarts"}
+    assert {r["alert"] for r in rules} >= {"RayNodeMetricsDown", "OmnizipEngineActorRestarts", "OmnizipPoolBelowMin"}
 
 
 def omnizip_panels(queries: list[ph.PanelQuery]) -> list[ph.PanelQuery]:
     """The panel queries pipeline.metrics feeds; the Serve and GPU ones are Ray's (see module doc)."""
     assert {ph.source_of(q) for q in queries} == {"omnizip", "serve", "gpu"}
     return [q for q in queries if ph.source_of(q) == "omnizip"]
+
+
+def assert_pool_panels(url: str) -> None:
+    """What feed() recorded, through the Pools and Stream moves panels: members by pool and every
+    state, both bounds, encoder moves at a rate above 0 and the decoder's, never moved, at 0."""
+    queries = {(q.panel, q.ref_id): q.expr for q in ph.panel_queries(ph.load_dashboard())}
+
+    def by(expr: str, *labels: str) -> dict[tuple, float]:
+        return {tuple(s["metric"][k] for k in labels): float(s["value"][1]) for s in ph.query(url, expr)}
+
+    members = by(queries[("Pools", "A")], "pool", "state")
+    assert set(members) == {(p, s) for p in pm.POOLS for s in pm.POOL_STATES}, members
+    assert members[("decoder", "ready")] > 0 and members[("decoder", "starting")] == 0
+    lows, highs = by(queries[("Pools", "B")], "pool"), by(queries[("Pools", "C")], "pool")
+    assert set(lows) == set(highs) == {("encoder",), ("decoder",)}
+    # feed(): encoder 1 .. 4, decoder 1 .. 2 (per feeding process: Ray's panel sums two)
+    assert highs[("encoder",)] == 4 * lows[("encoder",)] and highs[("decoder",)] == 2 * lows[("decoder",)]
+    deadline = time.monotonic() + 30
+    while True:  # rate() needs two scrapes after the first move
+        moves = by(queries[("Stream moves", "A")], "pool")
+        if moves.get(("encoder",), 0) > 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert set(moves) == {("encoder",), ("decoder",)} and moves[("encoder",)] > 0 and moves[("decoder",)] == 0, moves
 
 
 def test_every_panel_has_data_from_a_prometheus_client_exporter(tmp_path):
@@ -164,6 +216,7 @@ def test_every_panel_has_data_from_a_prometheus_client_exporter(tmp_path):
             assert [s["value"][1] for s in up] == ["1"]
             names = ph.query(prom.url, 'max by (stream, name) (omnizip_stream_info) == 1')
             assert {(s["metric"]["stream"], s["metric"]["name"]) for s in names} == {("cam1", "camera 1"), ("cam2", "camera 2")}
+            assert_pool_panels(prom.url)
     finally:
         stop.set()
         t.join()
@@ -223,6 +276,7 @@ def test_ray_backend_names_after_relabelling_match_the_dashboard(ray_session, tm
             names = set(ph.api(prom.url, "/api/v1/label/__name__/values"))
             assert set(pm.exported_names()) <= names
             assert not [n for n in names if n.startswith("ray_omnizip_")]
+            assert_pool_panels(prom.url)  # summed over the two workers: the ratios hold
             # two workers feed the same streams: their series stay apart (WorkerId) and sum up
             per_worker = ph.query(prom.url, 'omnizip_tokens_in_total{stream="cam1", modality="audio"}')
             assert len(per_worker) == 2
