@@ -112,6 +112,11 @@ class Pool:
         gone = set(self.gone())
         return sorted(i for i in self._unready_since if i in self._was_up and i not in gone)
 
+    def starting(self) -> list[int]:
+        """Members that have not answered yet since they were started (placing or loading)."""
+        gone = set(self.gone())
+        return sorted(i for i in self._unready_since if i not in self._was_up and i not in gone)
+
     def calm_for(self, wants_fewer: bool) -> float:
         """How long the pool has wanted fewer members without a break (0 when it does not)."""
         now = time.monotonic()

@@ -21,6 +21,7 @@ import ray
 from pipeline import runtime
 from pipeline.config import ServiceConfig
 from pipeline.elastic import Pool
+from pipeline.metrics import get_metrics
 from pipeline.pool import Bounds, least_loaded, rebalance, target_size
 from pipeline.records import StreamRecord, StreamSpec
 from pipeline.refusals import LimitExceeded, NameTaken, StoreUnavailable
@@ -130,11 +131,7 @@ class StreamService:
 
     def _info(self, rec: StreamRecord) -> None:
         """The stream's name as a metric label (omnizip_stream_info), for dashboards to join on."""
-        from pipeline.metrics import get_metrics
-
-        info = getattr(get_metrics(), "stream_info", None)
-        if info is not None:
-            info(rec.id, rec.name)
+        get_metrics().stream_info(rec.id, rec.name)
 
     async def _io(self, fn: Any, *args: Any) -> Any:
         """A blocking store call off the event loop; StoreUnavailable when the store is away."""
@@ -208,6 +205,8 @@ class StreamService:
                         log.warning("%s pool: member %d did not answer in time; stopping it", pool.kind, i)
                     pool.stop(i)
                     pool.calm_for(False)
+            get_metrics().set_pool(pool.kind, len(pool.ready()), len(pool.starting()), len(pool.restarting()),
+                                   pool.bounds.low, pool.bounds.high)
         return moved
 
     async def _move(self, field: str, sid: str, src: int, dst: int) -> bool:
@@ -236,6 +235,7 @@ class StreamService:
             if old is not None:
                 await self._call(old.release.remote(sid), 10)
         self.moves += 1
+        get_metrics().stream_moved(pool.kind)
         return True
 
     async def _restore_loop(self) -> None:
@@ -378,7 +378,6 @@ class StreamService:
         await self._io(self.store.delete_stream, stream_id)
         await asyncio.gather(self._call(self._worker(rec).forget.remote(stream_id)),
                              self._call(self._decoder(rec).forget.remote(stream_id)))
-        from pipeline.metrics import get_metrics
         get_metrics().forget_stream(stream_id)
         return True
 
