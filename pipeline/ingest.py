@@ -60,6 +60,8 @@ class IngestActor:
         self.st = IngestStats.from_dict(self.rec.extra.get("progress"))  # a restarted actor continues
         self.st.status, self.st.done = ("starting" if self.st.windows_total == 0 else "reconnecting"), False
         self.resume_at = self._durable_through() + 1
+        if self.resume_at > 0 and not _live_source(self.rec.source):  # a file's windows read but not
+            self.st.windows_total = min(self.st.windows_total, self.resume_at)  # durable are read again
         self.worker_index = self.rec.worker
         self.worker: Any = None  # resolved by name on first use (pipeline.runtime.lookup)
         self.retained: deque[RawWindow] = deque(maxlen=max(4, int(retain)))
@@ -266,6 +268,16 @@ class IngestActor:
 
     def stop(self) -> bool:
         self._stop.set()
+        return True
+
+
+def _live_source(source: str) -> bool:
+    """Whether the source cannot be read again from the start (a camera, a live URL)."""
+    from pipeline.sources import classify
+
+    try:
+        return bool(classify(source).live)
+    except Exception:
         return True
 
 

@@ -295,7 +295,8 @@ class StreamService:
         await self._io(self.policy.check, parsed.source)  # SourceRefused names the rule; opens nothing
         await self._reattach()
         async with self._creating:
-            running = [r for r in await self._records() if r.status not in ("ended", "failed")]
+            running = [r for r in await self._records()  # this engine's (engines of other names may share a Redis)
+                       if r.status not in ("ended", "failed") and r.extra.get("engine", self.cfg.name) == self.cfg.name]
             mine = [r for r in running if r.owner == owner]
             if parsed.name is not None and any(r.name == parsed.name for r in await self._records() if r.owner == owner):
                 raise NameTaken(f"name: a stream named {parsed.name!r} already exists; delete it or choose another name")

@@ -113,6 +113,7 @@ def test_an_engine_takes_on_only_streams_of_its_own_name(ray_session: dict, redi
         assert ActorNames.of(ServiceConfig.coerce(a_cfg)).ingest(sid) in live
         assert ActorNames.of(ServiceConfig.coerce(b_cfg)).ingest(sid) not in live  # ...and leaves it alone
         assert ray.get(a.get_stream.remote(sid))["status"] == "live"
+        ray.get(a.delete_stream.remote(sid))
     finally:
         shutdown_engine(b_cfg)
         shutdown_engine(a_cfg)
