@@ -80,6 +80,8 @@ class _Node:
     temp: str
     ports: dict[str, int]
     log: Any
+    role: list[str]
+    attempts: int = 1
     killed: bool = False
     seen: set = field(default_factory=set)  # every (pid, start time) found in its tree so far
 
@@ -236,7 +238,7 @@ class LocalCluster:
         # its own session, so a Ctrl-C at the terminal reaches the caller only
         proc = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-        return _Node(name, proc, temp, ports, log)
+        return _Node(name, proc, temp, ports, log, role)
 
     def _tree(self, node: _Node) -> list[Proc]:
         """The node's processes alive now: its ``ray start`` and every descendant, any process whose
@@ -259,22 +261,43 @@ class LocalCluster:
         return "(no log)"
 
     def _wait_alive(self, n: int, timeout_s: float | None = None) -> None:
-        """Until Ray counts ``n`` alive nodes; RuntimeError naming a node that exited."""
+        """Until Ray counts ``n`` alive nodes. A node whose ``ray start`` exits on the way (Ray gives
+        a raylet 30 s to register, which a crowded machine can miss) is started again, once;
+        RuntimeError with its log's last lines when it fails twice."""
         timeout_s = timeout_s or self.start_timeout_s
         deadline = time.monotonic() + timeout_s
         while True:
             for node in [self.head, *self.workers]:
                 if node is not None and not node.killed and node.proc.poll() is not None:
-                    raise RuntimeError(f"{node.name}: ray start exited with {node.proc.returncode}: "
-                                       + self._log_tail(node))
+                    if node.attempts >= 2:
+                        raise RuntimeError(f"{node.name}: ray start exited with {node.proc.returncode}: "
+                                           + self._log_tail(node))
+                    self._restart(node)
             left = deadline - time.monotonic()
             if left <= 0:
                 raise RuntimeError(f"{n} alive nodes not seen within {timeout_s:.0f} s")
             with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
-                if self.query("wait", str(n), str(max(1.0, left)), timeout_s=left + 30) >= n:
+                if self.query("wait", str(n), str(min(10.0, max(1.0, left))), timeout_s=left + 30) >= n:
                     self._remember()
                     return
             time.sleep(0.5)
+
+    def _restart(self, node: _Node) -> None:
+        """``node`` again, in a fresh temporary directory with fresh ports, after its processes."""
+        procs = self._tree(node)
+        _signal(procs, signal.SIGKILL)
+        _wait_gone(procs, 10)
+        with contextlib.suppress(Exception):
+            node.log.write(f"\n---- {node.name} exited with {node.proc.returncode} while starting: again ----\n"
+                           .encode())
+            node.log.close()
+        shutil.rmtree(node.temp, ignore_errors=True)
+        fresh = self._spawn(node.name, node.role)
+        fresh.attempts = node.attempts + 1
+        if node is self.head:
+            self.head = fresh
+        else:
+            self.workers[self.workers.index(node)] = fresh
 
 
 def _num(x: float) -> str:

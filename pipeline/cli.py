@@ -185,11 +185,11 @@ def cmd_serve(args: argparse.Namespace, s: Any) -> int:
 
         logging.getLogger("ray.serve").setLevel(s.level())
         serve_logs = {"log_level": s.log_level.upper()}  # Serve's controller, proxy and replicas too
-        # one proxy, on the head: on a cluster of several nodes per machine, one per node would
-        # all bind the same port
-        serve.start(proxy_location="HeadOnly", http_options={"host": s.host, "port": s.port},
-                    logging_config=serve_logs)
         try:
+            # one proxy, on the head: on a cluster of several nodes per machine, one per node would
+            # all bind the same port
+            serve.start(proxy_location="HeadOnly", http_options={"host": s.host, "port": s.port},
+                        logging_config=serve_logs)
             serve.run(build_app(cfg, gate=gate, ray_actor_options=REPLICA_ON_HEAD), name=APP, route_prefix="/",
                       blocking=False, logging_config=serve_logs)
             who = (f"{len(keys)} API key(s) required" if keys else
