@@ -112,7 +112,7 @@ def test_an_engine_takes_on_only_streams_of_its_own_name(ray_session: dict, redi
         live = {x["name"] for x in ray.util.list_named_actors(all_namespaces=True)}
         assert ActorNames.of(ServiceConfig.coerce(a_cfg)).ingest(sid) in live
         assert ActorNames.of(ServiceConfig.coerce(b_cfg)).ingest(sid) not in live  # ...and leaves it alone
-        assert ray.get(a.get_stream.remote(sid))["status"] == "live"
+        assert ray.get(a.get_stream.remote(sid))["status"] not in ("ended", "failed")  # still A's, running
         ray.get(a.delete_stream.remote(sid))
     finally:
         shutdown_engine(b_cfg)
