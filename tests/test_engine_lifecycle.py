@@ -105,7 +105,7 @@ def test_an_engine_takes_on_only_streams_of_its_own_name(ray_session: dict, redi
     b_cfg = {**a_cfg, "name": "eng-share-b"}
     a = get_or_create_service(a_cfg)
     try:
-        sid = ray.get(a.create_stream.remote({"source": lavfi(30), "realtime": True}))["id"]
+        sid = ray.get(a.create_stream.remote({"source": lavfi(600), "realtime": True}))["id"]  # deleted below
         wait(a, sid, lambda st: st["windows"] >= 1, 120, "a window")
         b = get_or_create_service(b_cfg)
         assert sid in {s["id"] for s in ray.get(b.list_streams.remote())}  # it sees the shared store...
