@@ -12,7 +12,8 @@
 The head has no CPUs by default (``head_cpus=0``), so only actors that ask for no CPU (or for the
 head's own ``node:__internal_head__`` resource) run there and model actors land on worker nodes.
 Node-failure detection is tuned (GCS health checks every ``health_period_ms``, ``health_failures``
-misses) so a lost node is declared dead within a few seconds instead of Ray's default ~30 s.
+misses in a row) so a killed node is declared dead in ~2-3 s instead of Ray's default ~15 s, while
+a node that is only slow (a crowded machine) keeps Ray's 10-s answer time per check.
 
 Queries (node ids, actors' nodes) run in a short Python subprocess that attaches as a driver, so the
 calling process never joins the cluster (a test's own local Ray stays separate).
@@ -91,15 +92,19 @@ class LocalCluster:
 
     def __init__(self, workers: int = 2, head_cpus: float = 0, worker_cpus: float = 1,
                  object_store_mb: int = 80, env: Mapping[str, str] | None = None,
-                 health_period_ms: int = 500, health_failures: int = 3, start_timeout_s: float = 120.0) -> None:
+                 health_period_ms: int = 500, health_failures: int = 4, health_timeout_ms: int = 10000,
+                 start_timeout_s: float = 120.0) -> None:
         self.n_workers, self.head_cpus, self.worker_cpus = workers, head_cpus, worker_cpus
         self.object_store = int(object_store_mb) * 2**20
         self.start_timeout_s = start_timeout_s
         self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-                    # a node that stops answering is declared dead after ~period x failures
+                    # the GCS checks each raylet every period; `failures` failed checks in a row and
+                    # the node is dead. A killed raylet refuses at once: dead in ~period x failures
+                    # (2 s). A live one slowed down by a crowded machine has `timeout` to answer each
+                    # check (Ray's default 10 s), so it is not declared dead for being slow
                     "RAY_health_check_initial_delay_ms": "1000",
                     "RAY_health_check_period_ms": str(health_period_ms),
-                    "RAY_health_check_timeout_ms": str(health_period_ms),
+                    "RAY_health_check_timeout_ms": str(health_timeout_ms),
                     "RAY_health_check_failure_threshold": str(health_failures),
                     **(env or {})}
         self.env.pop("RAY_ADDRESS", None)
