@@ -74,9 +74,6 @@ class Pool:
         """Member ``i``, or the lowest member when the pool has no ``i`` (a record of an older engine)."""
         return self.members.get(i) if i in self.members else self.members[min(self.members)]
 
-    def handles(self) -> list[Any]:
-        return [self.members[i] for i in sorted(self.members)]
-
     # -- health --
     async def probe(self) -> list[Member]:
         """Ask every member's health (at most HEALTH_TIMEOUT_S): the pool as pipeline.pool sees it."""

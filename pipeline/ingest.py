@@ -254,7 +254,7 @@ class IngestActor:
     def retarget(self, worker_index: int) -> bool:
         """The engine moved the stream to pool member ``worker_index``: windows go there from the
         next one on (it answers ``restarted``, so what was not durable is resent first)."""
-        if worker_index != self.worker_index or self.worker is None:
+        if worker_index != self.worker_index:
             self.worker_index, self.worker = int(worker_index), None
         return True
 
