@@ -55,9 +55,9 @@ class ChaosRig:
     def __init__(self, workdir: Path, name: str = "chaos") -> None:
         import ray
 
-        from pipeline.config import ServiceConfig
-        from pipeline.runtime import ActorNames
-        from pipeline.service import get_or_create_service
+        from pipeline.core.config import ServiceConfig
+        from pipeline.engine.runtime import ActorNames
+        from pipeline.engine.service import get_or_create_service
 
         self.dir, self.name = Path(workdir), name
         self.probe: dict[str, Any] = {}  # what a fault measured on the way (the API during an outage)
@@ -73,7 +73,7 @@ class ChaosRig:
             time.sleep(1)
 
     def close(self) -> None:
-        from pipeline.service import shutdown_engine
+        from pipeline.engine.service import shutdown_engine
         try:
             shutdown_engine(self.config)
         finally:
@@ -104,7 +104,7 @@ class ChaosRig:
                 time.sleep(0.5)
 
     def stored(self, sid: str) -> list[int]:
-        from pipeline.store import open_store
+        from pipeline.store.open import open_store
         with open_store(self.redis.url, retries=1, socket_timeout_s=1.0) as s:
             return [w.index for w in s.windows(sid)]
 
@@ -249,7 +249,7 @@ def main() -> None:
     p.add_argument("--faults", default=",".join(FAULTS))
     p.add_argument("--seconds", type=int, default=20)
     args = p.parse_args()
-    from pipeline.cli import start_ray
+    from pipeline.cli.main import start_ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     start_ray()

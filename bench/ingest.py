@@ -1,7 +1,7 @@
 """Ingestion throughput: media seconds turned into aligned 2-s windows per wall second.
 
 For each resolution, ffmpeg makes an H.264 (30 fps) + AAC (48 kHz stereo) MP4 of a moving test
-pattern, then `pipeline.windows.iter_windows` decodes it unpaced into 2-s windows (16 kHz mono
+pattern, then `pipeline.sources.windows.iter_windows` decodes it unpaced into 2-s windows (16 kHz mono
 audio, 2 fps RGB frames at full resolution). The figure is the best of --repeat runs; above 1
 means one CPU process keeps up with that many live streams of this kind.
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.windows import iter_windows  # noqa: E402
+from pipeline.sources.windows import iter_windows  # noqa: E402
 
 SIZES = ("640x480", "1920x1080")
 

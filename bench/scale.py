@@ -127,7 +127,7 @@ def measure(nodes: int, args: argparse.Namespace, threshold_s: float) -> dict[st
     """Start a cluster of ``nodes`` worker nodes and raise the level until it breaks."""
     import ray
 
-    from pipeline.service import get_or_create_service, shutdown_service
+    from pipeline.engine.service import get_or_create_service, shutdown_service
 
     t0, tag = time.monotonic(), f"{nodes} worker node{'s' if nodes > 1 else ''}"
     say(f"{tag}: starting the cluster ({args.worker_cpus:g} logical CPUs per worker node)")

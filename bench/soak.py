@@ -58,11 +58,11 @@ def main() -> None:
     import ray
     from tqdm import tqdm
 
-    from pipeline.cli import start_ray
-    from pipeline.config import ServiceConfig
-    from pipeline.runtime import ActorNames
-    from pipeline.service import get_or_create_service, shutdown_service
-    from pipeline.store import open_store
+    from pipeline.cli.main import start_ray
+    from pipeline.core.config import ServiceConfig
+    from pipeline.engine.runtime import ActorNames
+    from pipeline.engine.service import get_or_create_service, shutdown_service
+    from pipeline.store.open import open_store
 
     start_ray()
     work = Path(tempfile.mkdtemp(prefix="soak"))

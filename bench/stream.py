@@ -76,8 +76,8 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=8)
     args = ap.parse_args()
 
-    from pipeline.cli import start_ray
-    from pipeline.service import get_or_create_service, shutdown_service
+    from pipeline.cli.main import start_ray
+    from pipeline.engine.service import get_or_create_service, shutdown_service
 
     start_ray()
     svc = get_or_create_service({"name": f"bench-{os.getpid()}", "detached": False, "ingest_cpus": 0.02,

@@ -26,9 +26,9 @@ __all__ = ["SPECS", "STAGES", "MODALITIES", "DROP_REASONS", "RECONNECT_COMPONENT
 PREFIX = "omnizip_"
 STAGES = ("decode", "encode", "compress", "prefill")
 MODALITIES = ("audio", "video")
-DROP_REASONS = ("behind_live", "queue_full", "error")
+DROP_REASONS = ("behind_live", "queue_full", "error", "unstored")  # unstored: fell out of a full store buffer
 RECONNECT_COMPONENTS = ("source", "redis", "actor", "move")  # move: the engine moved the stream (not a fault)
-POOLS = ("encoder", "decoder")  # the engine's elastic pools (pipeline.elastic)
+POOLS = ("encoder", "decoder")  # the engine's elastic pools (pipeline.engine.elastic)
 POOL_STATES = ("ready", "starting", "restarting")  # a pool member as the last health round saw it
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)

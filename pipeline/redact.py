@@ -1,7 +1,7 @@
-"""Credentials out of text: `redact(text)` strips passwords and token-like parameters from every
-URL in a text, and Authorization / Bearer / Basic values. Its own module because everything that
-shows a source (errors, logs, API answers, metric labels) needs it and must not pull in the rest
-of the source policy; re-exported by pipeline.source_policy. Imports only the standard library.
+"""Untrusted text made safe: `redact(text)` strips passwords and token-like parameters from every
+URL in a text, and Authorization / Bearer / Basic values; `has_control_chars(text)` is the one
+control-character rule every check of a client's text uses. Shared vocabulary of every package
+(errors, logs, API answers, metric labels show sources); imports only the standard library.
 """
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import re
 import urllib.parse
 from typing import Any
 
-__all__ = ["redact"]
+__all__ = ["has_control_chars", "redact"]
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 _URL_IN_TEXT = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://)([^\s'\"<>`]*)")
 _PARAM = re.compile(r"([?&#;])([^=&#?;]*)=([^&#;]*)")
@@ -57,3 +59,9 @@ def redact(text: Any) -> str:
     s = _URL_IN_TEXT.sub(_redact_url, s)
     s = _AUTH_HEADER.sub(lambda m: m.group(0)[: m.start(1) - m.start(0)] + "***", s)
     return _AUTH_BARE.sub(lambda m: m.group(0)[: m.start(1) - m.start(0)] + "***", s)
+
+
+def has_control_chars(text: str) -> bool:
+    """True if `text` holds a C0/C1 control character (CR, LF, NUL, DEL, ...) or a line separator:
+    such text could forge a log line, a header or an FFmpeg option, so it is refused everywhere."""
+    return bool(_CONTROL.search(text))

@@ -45,7 +45,7 @@ def ray_session() -> Iterator[dict[str, int]]:
 @pytest.fixture(scope="session")
 def serve_api(ray_session: dict[str, int], redis_server: RedisServer,
               tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
-    """One Ray Serve instance for the session: pipeline.serve's app on 127.0.0.1 (a free port)
+    """One Ray Serve instance for the session: pipeline.api.app's app on 127.0.0.1 (a free port)
     over the real engine with the tiny model and the session's Redis. Yields its base URL, the
     Ray metrics export port, the Redis URL and two API keys (two tenants). Shut down after the
     session's tests."""
@@ -54,7 +54,7 @@ def serve_api(ray_session: dict[str, int], redis_server: RedisServer,
     import requests
     from ray import serve
 
-    from pipeline.serve import build_app
+    from pipeline.api.app import build_app
     from redis_helpers import free_port
 
     port = free_port()
@@ -78,11 +78,11 @@ def serve_api(ray_session: dict[str, int], redis_server: RedisServer,
         if time.monotonic() > deadline:
             raise RuntimeError(f"{url}/healthz not 200 within 120 s")
         time.sleep(0.5)
-    from pipeline.config import ServiceConfig
-    from pipeline.runtime import ActorNames
+    from pipeline.core.config import ServiceConfig
+    from pipeline.engine.runtime import ActorNames
     yield {"url": url, "metrics_port": ray_session["metrics_port"], "redis_url": redis_server.url,
            "service": ActorNames.of(ServiceConfig.coerce(config)).prefix, "config": config, "key": keys[0],
            "other_key": keys[1]}
     serve.shutdown()
-    from pipeline.service import shutdown_engine
+    from pipeline.engine.service import shutdown_engine
     shutdown_engine(config)  # the engine stops itself once its replicas are gone; this makes sure

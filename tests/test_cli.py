@@ -29,7 +29,7 @@ def env(**extra: str) -> dict[str, str]:
 
 def cli(*args: str, timeout: float = 60, **extra: str) -> tuple[subprocess.CompletedProcess, float]:
     t = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=env(**extra),
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli.main", *args], cwd=ROOT, env=env(**extra),
                        capture_output=True, text=True, timeout=timeout)
     return r, time.perf_counter() - t
 
@@ -121,8 +121,8 @@ def test_ray_address_check_tells_a_ray_head_from_other_listeners(ray_session: di
 
     import ray
 
-    from pipeline.cli_checks import check_ray_address
-    from pipeline.settings import SettingsError
+    from pipeline.cli.checks import check_ray_address
+    from pipeline.cli.checks import SettingsError
 
     port = ray.get_runtime_context().gcs_address.rsplit(":", 1)[1]
     t = time.perf_counter()
@@ -158,14 +158,15 @@ def test_version() -> None:
 def test_names_mirrored_for_speed_match_the_library() -> None:
     from omnizip import METHODS
     from omnizip.models import PRESETS, _DTYPES
-    from pipeline.cli_checks import DTYPE_NAMES, METHOD_NAMES, PRESET_NAMES
+    from pipeline.cli.checks import DTYPE_NAMES, METHOD_NAMES, PRESET_NAMES
 
     assert set(PRESET_NAMES) == set(PRESETS) and set(METHOD_NAMES) == set(METHODS)
     assert set(DTYPE_NAMES) == set(_DTYPES)
 
 
 def test_settings_flags_over_environment_over_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.settings import SettingsError, load_settings
+    from pipeline.cli.checks import SettingsError
+    from pipeline.cli.settings import load_settings
 
     for k in [k for k in os.environ if k.startswith("OMNIZIP_")]:
         monkeypatch.delenv(k)
@@ -194,7 +195,7 @@ def test_settings_flags_over_environment_over_file(tmp_path: Path, monkeypatch: 
 
 
 def test_every_variable_is_documented_in_one_table() -> None:
-    from pipeline.settings import Settings
+    from pipeline.cli.settings import Settings
 
     doc = (ROOT / "docs" / "configuration.md").read_text()
     rows = set(re.findall(r"^\| `(OMNIZIP_[A-Z0-9_]+)` \|", doc, re.M))
@@ -209,7 +210,7 @@ def test_every_variable_is_documented_in_one_table() -> None:
 
 def test_a_local_run_prints_only_json_forwards_actor_logs_and_cleans_up() -> None:
     """No RAY_ADDRESS: the command starts its own Ray, in /tmp/ray-oz<pid>-*, removed at exit."""
-    p = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", CLIP, "-q", "What is it?", "--max-tokens", "4",
+    p = subprocess.Popen([sys.executable, "-m", "pipeline.cli.main", "run", CLIP, "-q", "What is it?", "--max-tokens", "4",
                           "--json", "--no-progress", "--per-window", "--log-level", "debug"],
                          cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     pattern, seen = f"/tmp/ray-oz{p.pid}-*", False
@@ -222,7 +223,7 @@ def test_a_local_run_prints_only_json_forwards_actor_logs_and_cleans_up() -> Non
     doc = json.loads(out)  # the whole of stdout is one JSON object
     assert doc["status"] == "ended" and doc["answer"] and len(doc["per_window"]) == 2
     assert "window   0" in err and "Q: What is it?" in err  # the human text went to stderr
-    assert re.search(r"\(EncoderWorker pid=\d+\).*DEBUG pipeline\.window_viz: .*picture stored", err), err[-3000:]
+    assert re.search(r"\(EncoderWorker pid=\d+\).*DEBUG pipeline\.viz\.window: .*picture stored", err), err[-3000:]
     assert seen and not glob.glob(pattern)
 
 
@@ -254,7 +255,7 @@ def test_serve_answers_the_console_and_cleans_up_on_sigterm() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    p = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--port", str(port), "--json",
+    p = subprocess.Popen([sys.executable, "-m", "pipeline.cli.main", "serve", "--port", str(port), "--json",
                           "--api-key", "cli-test-key-0123456789"],
                          cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -1,4 +1,4 @@
-"""The console's HTTP routes (pipeline.serve_console) on the session's real Serve app (tiny
+"""The console's HTTP routes (pipeline.api.console) on the session's real Serve app (tiny
 model, real Redis): per-window pages, the pictures of what a window kept, the source probe
 under the operator's policy, the static console without a key and nothing else opened."""
 
@@ -137,8 +137,8 @@ def test_probe_validation(api: Api) -> None:
 
 
 def test_console_files_load_without_a_key_and_nothing_else_opens(serve_api: dict[str, Any]) -> None:
-    from pipeline.gate import OPEN_PATHS
-    from pipeline.serve_console import CONSOLE_FILES
+    from pipeline.api.gate import OPEN_PATHS
+    from pipeline.api.console import CONSOLE_FILES
 
     assert OPEN_PATHS == {"/healthz", *CONSOLE_FILES}
     url = serve_api["url"]
@@ -149,7 +149,7 @@ def test_console_files_load_without_a_key_and_nothing_else_opens(serve_api: dict
         assert "script-src 'self'" in r.headers["content-security-policy"]
     page = requests.get(url + "/", timeout=30).text
     assert "console/console.js" in page and not re.search(r'(src|href)="(https?:)?//', page)  # no CDN
-    for path in ("/console/nope.js", "/console/", "/console/../pipeline/serve.py", "/index.html", "/v1",
+    for path in ("/console/nope.js", "/console/", "/console/../pipeline/api/app.py", "/index.html", "/v1",
                  "/console/console.js/x", "//console/console.js"):
         assert requests.get(url + path, timeout=30).status_code == 401, path
     keyed = requests.get(url + "/console/nope.js", headers={"Authorization": f"Bearer {serve_api['key']}"}, timeout=30)

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline.decoder import DecoderActor, _Stream
-from pipeline.messages import AnswerEnd, AnswerStart
+from pipeline.engine.decoder import DecoderActor, _Stream
+from pipeline.core.messages import AnswerEnd, AnswerStart
 from pipeline.metrics import get_metrics
 
 

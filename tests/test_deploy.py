@@ -53,7 +53,7 @@ def _ray_containers(svc: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def test_serve_config_validates():
     cfg = _validate(yaml.safe_load((DEPLOY / "serve_config.yaml").read_text()))
     (app,) = cfg.applications
-    assert app.import_path == "pipeline.serve:app" and app.route_prefix == "/"
+    assert app.import_path == "pipeline.api.app:app" and app.route_prefix == "/"
     assert app.runtime_env["env_vars"]["OMNIZIP_METRICS_BACKEND"] == "ray"
 
 
@@ -61,7 +61,7 @@ def test_rayservice_has_an_autoscaling_gpu_group_and_the_same_app():
     docs = _docs(DEPLOY / "rayservice.yaml")
     (svc,) = [d for d in docs if d["kind"] == "RayService"]
     serve = yaml.safe_load(svc["spec"]["serveConfigV2"])
-    assert _validate(serve).applications[0].import_path == "pipeline.serve:app"
+    assert _validate(serve).applications[0].import_path == "pipeline.api.app:app"
     cluster = svc["spec"]["rayClusterConfig"]
     assert cluster["enableInTreeAutoscaling"] is True
     assert cluster["headGroupSpec"]["rayStartParams"]["metrics-export-port"] == "8080"
@@ -103,7 +103,7 @@ def test_compose_redis_acl_serves_the_store_and_nothing_else(tmp_path: Path) -> 
 
     import redis as redis_lib
 
-    from pipeline.store import open_store
+    from pipeline.store.open import open_store
     from redis_helpers import RedisServer
 
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
@@ -363,7 +363,7 @@ def _app_env(cfg: dict[str, Any]) -> dict[str, str]:
 def test_serve_app_settings_are_engine_settings_with_sane_pool_bounds():
     import dataclasses
 
-    from pipeline.config import ServiceConfig
+    from pipeline.core.config import ServiceConfig
 
     known = {f"OMNIZIP_{f.name.upper()}" for f in dataclasses.fields(ServiceConfig)}
     known |= {"OMNIZIP_METRICS_BACKEND", "OMNIZIP_API_KEYS", "OMNIZIP_INSECURE", "OMNIZIP_MAX_BODY_BYTES",

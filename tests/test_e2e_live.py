@@ -107,7 +107,7 @@ def test_two_streams_answer_while_streaming(api: Api, oai: openai.OpenAI, stream
 
 
 def stored_windows(r: redis.Redis, sid: str) -> list[dict[str, Any]]:
-    """The stream's windows as pipeline.store lays them out in Redis (a Redis stream per id)."""
+    """The stream's windows as pipeline.store.redis_store lays them out in Redis (a Redis stream per id)."""
     import json
     return [json.loads(f[b"meta"]) for _, f in r.xrange(f"omnizip:{{{sid}}}:windows")]
 

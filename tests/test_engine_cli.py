@@ -27,7 +27,7 @@ def cli(*args: str, timeout: float = 240, flag: bool = False) -> subprocess.Comp
         args = (*args, "--ray-address", "127.0.0.1:" + gcs.rsplit(":", 1)[1])
     else:
         env["RAY_ADDRESS"] = gcs
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "pipeline.cli.main", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 

@@ -38,7 +38,7 @@ def clip(directory: Path, seconds: int = SECONDS) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(ray_session: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    from pipeline.service import get_or_create_service, shutdown_engine
+    from pipeline.engine.service import get_or_create_service, shutdown_engine
     root = tmp_path_factory.mktemp("elastic")
     cfg = config(root)
     svc = get_or_create_service(cfg)
@@ -56,9 +56,9 @@ def records(cfg: dict[str, Any]) -> dict[str, Any]:
     """The streams' records in the engine's in-process store (where each stream is placed)."""
     import ray
 
-    from pipeline.config import ServiceConfig
-    from pipeline.records import StreamRecord
-    from pipeline.runtime import ActorNames, RemoteStore
+    from pipeline.core.config import ServiceConfig
+    from pipeline.core.records import StreamRecord
+    from pipeline.engine.runtime import ActorNames, RemoteStore
     store = RemoteStore(ray.get_actor(ActorNames.of(ServiceConfig.coerce(cfg)).store(), namespace="omnizip"))
     return {r["id"]: StreamRecord.from_dict(r) for r in store.list_streams()}
 
@@ -66,8 +66,8 @@ def records(cfg: dict[str, Any]) -> dict[str, Any]:
 def stored(cfg: dict[str, Any], sid: str) -> list[int]:
     import ray
 
-    from pipeline.config import ServiceConfig
-    from pipeline.runtime import ActorNames, RemoteStore
+    from pipeline.core.config import ServiceConfig
+    from pipeline.engine.runtime import ActorNames, RemoteStore
     store = RemoteStore(ray.get_actor(ActorNames.of(ServiceConfig.coerce(cfg)).store(), namespace="omnizip"))
     return [w.index for w in store.windows(sid)]
 
@@ -104,8 +104,8 @@ def test_pools_grow_with_streams_spread_them_and_shrink_after(engine: dict[str, 
     # the load is gone: after scale_down_after_s of calm each pool is back at its minimum and the
     # members that left are stopped
     until(lambda: all(p["members"] == 1 for p in pools(svc).values()), 60, "pools back at one member")
-    from pipeline.config import ServiceConfig
-    from pipeline.runtime import ActorNames
+    from pipeline.core.config import ServiceConfig
+    from pipeline.engine.runtime import ActorNames
     names = ActorNames.of(ServiceConfig.coerce(cfg))
     live = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
     assert names.encoder(0) in live and names.decoder(0) in live
@@ -119,8 +119,8 @@ def test_streams_leave_a_member_that_does_not_come_back(engine: dict[str, Any]) 
     its streams move to the members that are up and finish there, no window lost."""
     import ray
 
-    from pipeline.config import ServiceConfig
-    from pipeline.runtime import ActorNames
+    from pipeline.core.config import ServiceConfig
+    from pipeline.engine.runtime import ActorNames
     svc, cfg = engine["svc"], engine["config"]
     names = ActorNames.of(ServiceConfig.coerce(cfg))
     ids = [ray.get(svc.create_stream.remote({"source": str(engine["clip"]), "realtime": True}))["id"]

@@ -35,7 +35,7 @@ def ours() -> set[str]:
 def deploy(cfg: dict[str, Any]) -> None:
     from ray import serve
 
-    from pipeline.serve import build_app
+    from pipeline.api.app import build_app
     serve.run(build_app(cfg, gate={"api_keys": ["lifecycle-key-0123456789abc"]}), name=APP,
               route_prefix=f"/{APP}")
 
@@ -49,15 +49,15 @@ def root(serve_api: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 def service_of(cfg: dict[str, Any]) -> Any:
-    from pipeline.service import find_service
+    from pipeline.engine.service import find_service
     return until(lambda: find_service(cfg), 120, "the engine's service actor")
 
 
 def test_redeploy_with_another_config_replaces_the_engine(root: Path) -> None:
     import ray
 
-    from pipeline.config import ServiceConfig
-    from pipeline.runtime import ActorNames
+    from pipeline.core.config import ServiceConfig
+    from pipeline.engine.runtime import ActorNames
     old_cfg, new_cfg = config(root), config(root, max_batch=4)
     old_names, new_names = (ActorNames.of(ServiceConfig.coerce(c)) for c in (old_cfg, new_cfg))
     assert old_names.prefix != new_names.prefix and old_names.store() == new_names.store()
@@ -97,9 +97,9 @@ def test_an_engine_takes_on_only_streams_of_its_own_name(ray_session: dict, redi
     streams of older engines of its own name only, never another name's."""
     import ray
 
-    from pipeline.config import ServiceConfig
-    from pipeline.runtime import ActorNames
-    from pipeline.service import get_or_create_service, shutdown_engine
+    from pipeline.core.config import ServiceConfig
+    from pipeline.engine.runtime import ActorNames
+    from pipeline.engine.service import get_or_create_service, shutdown_engine
     from test_engine_service import lavfi
     a_cfg = {"name": "eng-share-a", "redis_url": redis_server.url, "allow_sources": "lavfi", "torch_threads": 1}
     b_cfg = {**a_cfg, "name": "eng-share-b"}

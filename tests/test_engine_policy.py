@@ -21,7 +21,7 @@ CONFIG = {"name": "eng-mem", "queue_windows": 2, "max_batch": 1, "allow_sources"
 
 @pytest.fixture(scope="module")
 def svc(ray_session: dict) -> Iterator[Any]:
-    from pipeline.service import get_or_create_service, shutdown_service
+    from pipeline.engine.service import get_or_create_service, shutdown_service
     # one window per encoder call, queues of 2: an unpaced file outruns the encoder
     handle = get_or_create_service(CONFIG)
     assert healthy(handle)["ok"]
@@ -30,7 +30,7 @@ def svc(ray_session: dict) -> Iterator[Any]:
 
 
 def store() -> Any:
-    from pipeline.runtime import RemoteStore
+    from pipeline.engine.runtime import RemoteStore
     return RemoteStore(actor(CONFIG, "store"))
 
 

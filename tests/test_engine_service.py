@@ -53,7 +53,7 @@ def ended(st: dict) -> bool:
 
 @pytest.fixture(scope="module")
 def svc(ray_session: dict, redis_server: Any) -> Iterator[Any]:
-    from pipeline.service import get_or_create_service, shutdown_service
+    from pipeline.engine.service import get_or_create_service, shutdown_service
     handle = get_or_create_service(engine_config(redis_server.url))
     assert healthy(handle)["ok"]
     yield handle
@@ -68,7 +68,7 @@ def rdb(redis_server: Any) -> Iterator[redis.Redis]:
 
 
 def stored(redis_server: Any, sid: str) -> list[Any]:
-    from pipeline.store import open_store
+    from pipeline.store.open import open_store
     with open_store(redis_server.url) as s:
         return s.windows(sid)
 
@@ -81,8 +81,8 @@ def actor(config: dict[str, Any], kind: str, which: Any = 0) -> Any:
     """One of the engine's actors by kind ("encoder", "decoder", "ingest", "store", "service")."""
     import ray
 
-    from pipeline.config import ServiceConfig
-    from pipeline.runtime import ActorNames
+    from pipeline.core.config import ServiceConfig
+    from pipeline.engine.runtime import ActorNames
     names = ActorNames.of(ServiceConfig.coerce(config))
     name = getattr(names, kind)(which) if kind in ("encoder", "decoder", "ingest") else getattr(names, kind)()
     return ray.get_actor(name, namespace="omnizip")

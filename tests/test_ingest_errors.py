@@ -13,8 +13,9 @@ from pipeline.errors import (
     SourceUnavailableError,
     UnsupportedSourceError,
 )
-from pipeline.sources import Backoff, SourceOptions, classify, open_source
-from pipeline.windows import iter_windows
+from pipeline.sources.spec import Backoff, SourceOptions, classify
+from pipeline.sources.source import open_source
+from pipeline.sources.windows import iter_windows
 
 pytestmark = pytest.mark.timeout(60)
 

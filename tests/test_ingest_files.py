@@ -11,8 +11,9 @@ import pytest
 
 import media_fixtures as mf
 from pipeline.errors import NotMediaError
-from pipeline.sources import AudioChunk, SourceOptions, VideoChunk
-from pipeline.windows import AVWindow, WindowAssembler, iter_windows
+from pipeline.sources.events import AudioChunk, VideoChunk
+from pipeline.sources.spec import SourceOptions
+from pipeline.sources.windows import AVWindow, WindowAssembler, iter_windows
 
 SR, FPS, W = 16000, 2.0, 2.0
 
@@ -246,7 +247,7 @@ def test_assembler_out_of_order_and_overlap():
 def test_finite_paired_inputs_are_merged_in_media_time_order():
     """A separate audio input that starts late must not let the video run ahead of it (a window
     would close before its audio arrived): finite inputs are interleaved by media time."""
-    from pipeline.source_events import merge_by_time
+    from pipeline.sources.events import merge_by_time
 
     def video():
         for i in range(8):

@@ -13,8 +13,9 @@ import pytest
 import media_fixtures as mf
 from ingest_servers import HttpServer, RtspServer, ffmpeg_push, free_port, gst_rtsp_available, have_ffmpeg
 from pipeline.errors import SourceUnavailableError
-from pipeline.sources import Backoff, Source
-from pipeline.windows import AVWindow, iter_windows
+from pipeline.sources.spec import Backoff
+from pipeline.sources.source import Source
+from pipeline.sources.windows import AVWindow, iter_windows
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 _why = gst_rtsp_available()

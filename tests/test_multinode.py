@@ -99,7 +99,7 @@ def served(cluster: LocalCluster, redis: RedisServer, media: Path,
                    OMNIZIP_TORCH_THREADS="1", OMNIZIP_CPUS_PER_ACTOR="0.15", OMNIZIP_INGEST_CPUS="0.05")
     out, err = open(logs / "stdout", "w+"), open(logs / "stderr", "w+")
     t = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--ray-address", cluster.address,
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli.main", "serve", "--ray-address", cluster.address,
                              "--port", str(port), "--json"], cwd=ROOT, env=env, stdout=out, stderr=err, text=True)
     info: dict[str, Any] = {"proc": proc, "stderr": logs / "stderr"}
     try:

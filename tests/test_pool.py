@@ -1,4 +1,4 @@
-"""pipeline.pool: the elastic pools' decisions, without Ray."""
+"""pipeline.core.pool: the elastic pools' decisions, without Ray."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from pipeline.pool import Bounds, Member, Move, least_loaded, pressed, rebalance, target_size
+from pipeline.core.pool import Bounds, Member, Move, least_loaded, pressed, rebalance, target_size
 
 B = Bounds(low=1, high=4, per_member=2, queue_limit=4, max_lag_s=4.0)
 

@@ -1,4 +1,4 @@
-"""The engine's scheduler (pipeline.queues) on its own: every queue policy in milliseconds, with
+"""The engine's scheduler (pipeline.core.queues) on its own: every queue policy in milliseconds, with
 no Ray, no model and no clock but the one the test passes."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from pipeline.queues import Added, QueuePolicy, StreamQueues
+from pipeline.core.queues import Added, QueuePolicy, StreamQueues
 
 
 @dataclass
@@ -36,7 +36,7 @@ def indices(taken: list) -> list[tuple[str, int]]:
 
 
 def test_importing_the_scheduler_loads_neither_ray_nor_torch() -> None:
-    code = "import sys, pipeline.queues; print(sorted({'ray', 'torch'} & set(sys.modules)))"
+    code = "import sys, pipeline.core.queues; print(sorted({'ray', 'torch'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -50,7 +50,7 @@ def strict(serve_api: dict, redis_server: Any) -> Iterator[dict[str, Any]]:
     three in all, a low request rate."""
     from ray import serve
 
-    from pipeline.serve import build_app
+    from pipeline.api.app import build_app
 
     keys = [str(serve_api["key"]), str(serve_api["other_key"]), KEY_C]
     config = {"model": "tiny", "device": "cpu", "redis_url": redis_server.url, "name": "httpstrict",
@@ -64,7 +64,7 @@ def strict(serve_api: dict, redis_server: Any) -> Iterator[dict[str, Any]]:
         time.sleep(0.5)
     yield {"url": url, "keys": keys}
     serve.delete("strict")
-    from pipeline.service import shutdown_engine
+    from pipeline.engine.service import shutdown_engine
     shutdown_engine(config)
 
 

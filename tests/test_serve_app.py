@@ -26,7 +26,7 @@ def test_import_path_of_the_serve_config_is_an_application() -> None:
 
 
 def test_openapi_lists_every_route_with_its_bodies() -> None:
-    from pipeline.serve import fastapi_app
+    from pipeline.api.app import fastapi_app
     spec = fastapi_app.openapi()
     have = {(m, p) for p, ops in spec["paths"].items() for m in ops}
     assert ROUTES <= have, ROUTES - have
@@ -38,7 +38,7 @@ def test_openapi_lists_every_route_with_its_bodies() -> None:
 
 
 def test_build_app_takes_a_config_dict() -> None:
-    from pipeline.serve import build_app
+    from pipeline.api.app import build_app
     a = build_app({"model": "tiny"}, num_replicas=2)
     assert isinstance(a, serve.Application)
 
@@ -50,9 +50,9 @@ def test_device_auto_is_resolved_by_each_model_actor(ray_session: dict[str, int]
     cpu); ``cuda`` always asks Ray for a GPU, so an autoscaler can add a GPU node for it."""
     import ray
 
-    from pipeline.config import ServiceConfig
-    from pipeline.runtime import model_resources, resolve_device
-    from pipeline.serve import _service_config
+    from pipeline.core.config import ServiceConfig
+    from pipeline.engine.runtime import model_resources, resolve_device
+    from pipeline.api.app import _service_config
     assert ray.cluster_resources().get("GPU", 0) == 0
     cfg = _service_config({"device": "auto", "model": "tiny"})
     assert cfg.device == "auto" and cfg.model == "tiny"

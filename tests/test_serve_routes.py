@@ -1,4 +1,4 @@
-"""The HTTP API (pipeline.serve) against a real Ray Serve app on 127.0.0.1 over the real engine
+"""The HTTP API (pipeline.api.app) against a real Ray Serve app on 127.0.0.1 over the real engine
 (tiny model, real Redis): stream lifecycle, every validation error, answers as JSON, as
 Server-Sent Events and through the official openai client."""
 
@@ -248,7 +248,7 @@ def test_answers_are_whole_characters_over_sse_and_openai(api: Api, oai: openai.
     presets are deterministic), so no piece ever splits a multi-byte character."""
     from omnizip.models import CompressedWindow, load_model
     from omnizip.models.rolling import RollingContext
-    from pipeline.store import open_store
+    from pipeline.store.open import open_store
 
     n = 48
     with open_store(str(serve_api["redis_url"])) as store:

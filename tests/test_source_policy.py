@@ -20,9 +20,13 @@ from pydantic import ValidationError
 import media_fixtures as mf
 from ingest_servers import RecordingTcpListener, RoutedHttpServer, free_port
 from pipeline.errors import SourceError, SourceUnavailableError, UnsupportedSourceError
-from pipeline.source_policy import HttpSourceOptions, SourcePolicy, SourceRefused, redact
-from pipeline.sources import Backoff, Source, SourceOptions, open_source
-from pipeline.windows import iter_windows
+from pipeline.sources.options import HttpSourceOptions
+from pipeline.sources.policy import SourcePolicy
+from pipeline.errors import SourceRefused
+from pipeline.redact import redact
+from pipeline.sources.spec import Backoff, SourceOptions
+from pipeline.sources.source import Source, open_source
+from pipeline.sources.windows import iter_windows
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -110,7 +114,7 @@ def fake_dns(monkeypatch, table: dict[str, list[str]]):
                      (ip, port or 0)) for ip in table[host]]
         return real(host, port, *a, **kw)
 
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)  # what pipeline.source_hosts resolves with
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)  # what pipeline.sources.hosts resolves with
 
 
 def test_every_resolved_address_is_judged(monkeypatch):
@@ -566,8 +570,8 @@ import sys
 sys.path[:0] = [sys.argv[1], sys.argv[2]]
 from ingest_servers import RoutedHttpServer
 from pathlib import Path
-from pipeline.source_policy import SourcePolicy
-from pipeline.sources import Source
+from pipeline.sources.policy import SourcePolicy
+from pipeline.sources.source import Source
 srv = RoutedHttpServer(Path(sys.argv[3]), host="127.0.0.2")
 src = Source(srv.url("hls/live.m3u8"), {"open_timeout_s": 5, "read_timeout_s": 2.5,
              "reconnect": {"max_attempts": 0}}, policy=SourcePolicy(allow={"loopback"}, hosts=("127.0.0.2/32",)))

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from omnizip import codec
-from pipeline.store import (MemoryStore, Retention, StreamExists, StreamNotFound,
-                            WindowOrderError, open_store)
-from pipeline.store_redis import RedisStore
+from pipeline.store.memory import MemoryStore
+from pipeline.store.open import open_store
+from pipeline.store.contract import Retention, StreamExists, StreamNotFound, WindowOrderError
+from pipeline.store.redis_store import RedisStore
 
 
 def own_db(redis_server) -> str:
@@ -258,7 +259,7 @@ def test_redis_outage_is_ridden_out_by_retries(redis_server):
         s.close()
 
 
-# --- side blobs (per-window picture data, pipeline.window_viz) -----------------------------
+# --- side blobs (per-window picture data, pipeline.viz.window) -----------------------------
 def test_blobs_round_trip_replace_and_kinds(make_store):
     s = make_store()
     i = s.create_stream({"source": "a"})["id"]

@@ -1,4 +1,4 @@
-"""The per-window picture record and its drawing (pipeline.window_viz), without Ray: what is
+"""The per-window picture record and its drawing (pipeline.viz.window), without Ray: what is
 stored, that it decodes to what was built, and that the pictures show what was kept."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import window_viz as V
+from pipeline.viz import window as V
 
 
 def window(video: bool = True, h: int = 240, w: int = 320) -> SimpleNamespace:
@@ -99,7 +99,7 @@ def test_pngs_of_a_record_and_of_a_window_without_video() -> None:
 
 
 def test_store_viz_posts_the_record_and_returns_scalar_fields() -> None:
-    from pipeline.store import MemoryStore
+    from pipeline.store.memory import MemoryStore
 
     s = MemoryStore()
     sid = s.create_stream({"source": "x"})["id"]

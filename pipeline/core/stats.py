@@ -1,0 +1,141 @@
+"""What each stage reports about a stream, typed, and the one place that merges them into the
+status a client sees (``stream_status``). Drops are keyed by reason in each stage; the status
+names them ``<reason>`` (ingest, encoder) and ``decoder_<reason>`` (decoder)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.core.records import StreamRecord
+from pipeline.redact import redact
+
+__all__ = ["DecoderStats", "EncoderStats", "IngestStats", "TokenCounts", "stream_status"]
+
+
+@dataclass
+class IngestStats:
+    """One stream's ingest actor: its status is the stream's status while the source runs."""
+
+    status: str = "starting"
+    error: str | None = None
+    windows_total: int = 0
+    reconnects: int = 0
+    media_s: float = 0.0
+    t0: float | None = None
+    live: bool = False
+    last_index: int | None = None
+    done: bool = False
+    drops: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "IngestStats":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in (d or {}).items() if k in names})
+
+
+@dataclass
+class TokenCounts:
+    """Tokens in and kept per modality, summed over a stream's windows."""
+
+    audio_in: int = 0
+    audio_kept: int = 0
+    video_in: int = 0
+    video_kept: int = 0
+
+    def add(self, window: Any) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + int(getattr(window, f.name)))
+
+
+@dataclass
+class EncoderStats:
+    """One stream in its encoder worker; ``tokens``, ``harder`` and ``drops`` persist with the
+    compressor state, so a restarted worker continues them."""
+
+    known: bool = False
+    queue: int = 0
+    busy: int = 0
+    ending: bool = False
+    last_pushed: int = -1
+    last_stored: int = -1
+    durable: int = -1  # newest window index whose effects are in the store (stored, or in the stored state)
+    unwritten: int = 0  # windows and states waiting for the store (pipeline.store.writer)
+    decoder: int = 0
+    harder: int = 0
+    tokens: TokenCounts = field(default_factory=TokenCounts)
+    drops: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class DecoderStats:
+    """One stream's rolling context in its decoder."""
+
+    known: bool = False
+    windows: int = 0
+    context_tokens: int = 0
+    last: int = -1
+    received: int = -1
+    handled: int = -1
+    queue: int = 0
+    max_queue: int = 0
+    busy: bool = False
+    lag_s: float | None = None
+    lag_at_append: float = 0.0
+    evicted: int = 0
+    drops: dict[str, int] = field(default_factory=dict)
+
+
+def _drained(enc: EncoderStats, dec: DecoderStats) -> bool:
+    """Every window the encoder stored has been appended or dropped by the decoder."""
+    if not enc.known or not dec.known or enc.queue or enc.busy or enc.ending or enc.unwritten \
+            or dec.queue or dec.busy:
+        return False
+    return dec.handled >= enc.last_stored
+
+
+def stream_status(rec: StreamRecord, ing: IngestStats | None, enc: EncoderStats | None,
+                  dec: DecoderStats | None, now: float | None = None, pending: bool = False) -> dict[str, Any]:
+    """The status of one stream from its record and what its three stages report (any of which
+    may be missing: an actor restarting, a finished source whose figures are in the record).
+    ``pending``: the ingest actor exists but is not placed yet (waiting for resources)."""
+    ingest_gone = ing is None
+    if ing is None:  # no answer from the actor: its final figures, if the record has them
+        ing = IngestStats.from_dict(rec.ingest) if rec.ingest is not None else IngestStats(status="")
+    enc = enc or EncoderStats()
+    dec = dec or DecoderStats()
+    status = ing.status or rec.status
+    if status == "created":
+        status = "starting"
+    error = ing.error if ing.error is not None else rec.error
+    if pending:
+        status = "pending"
+    elif ingest_gone and rec.ingest is None and status in ("starting", "live", "reconnecting"):
+        status, error = "failed", "the stream's ingest actor is gone"
+    if status == "ended" and not _drained(enc, dec):
+        status = "live"  # the source ended; its last windows are still on their way into the context
+    lag = 0.0
+    if ing.live and ing.t0 is not None:
+        if status in ("ended", "failed"):
+            lag = dec.lag_at_append
+        elif dec.lag_s is not None:
+            lag = dec.lag_s
+        else:
+            lag = (time.time() if now is None else now) - ing.t0
+    drops = {**ing.drops, **enc.drops, **{f"decoder_{k}": v for k, v in dec.drops.items()}}
+    t = enc.tokens
+    return {
+        "id": rec.id, "name": rec.name, "source": redact(rec.source), "status": status,
+        "error": redact(error) if error else error,
+        "created": rec.created, "lag_s": round(float(lag), 3), "media_s": float(ing.media_s),
+        "windows": dec.windows, "windows_total": ing.windows_total, "dropped": sum(drops.values()),
+        "reconnects": ing.reconnects, "context_tokens": dec.context_tokens,
+        "tokens": {"audio": {"in": t.audio_in, "kept": t.audio_kept}, "video": {"in": t.video_in, "kept": t.video_kept}},
+        "settings": dataclasses.asdict(rec.settings), "compressed_harder": enc.harder, "drops": drops,
+    }
+

@@ -1,0 +1,290 @@
+"""The ingest actor: one per stream, the producer of the engine's pipeline, supervised by Ray.
+
+It reads the stream's source into 2-s AVWindows (PyAV, pipeline.sources.windows) on a thread and hands
+each to the stream's encoder worker as a RawWindow, waiting while a backpressure stream's queue
+is full. The stream's status lives here while the source runs: starting -> live (-> reconnecting
+-> live) -> ended | failed; its progress is written to the stream's record with every window.
+
+No accepted window is lost to a crash:
+- this actor restarts on death (Ray re-runs ``__init__``): it reloads its progress from the
+  record and resumes a finite source at the first window not yet durable in the store
+  (decoded but not resent, unpaced), a live source by reconnecting, its windows numbered on from
+  where the stream was and the first one flagged as a discontinuity;
+- it keeps every window it sent until the encoder reports it durable (stored, or held in the
+  stored method state); when the encoder is a new incarnation (it restarted), those windows are
+  resent in order before anything new.
+The stream's encoder worker is the one its record names (``worker``, an index into the engine's
+pool, pipeline.core.pool): when the engine moves the stream (a worker joined, left or was lost) this
+actor is told, or finds out from a ``moved`` reply or a dead worker, and re-reads the record; the
+new worker continues from the store like a restarted one.
+A stream is ``failed`` only when its source fails by its own reconnect policy. No torch import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import ray
+
+from pipeline.core.messages import RawWindow, SubmitReply
+from pipeline.metrics import get_metrics
+from pipeline.core.queues import Added
+from pipeline.core.records import StreamRecord
+from pipeline.engine.runtime import ActorNames, StoreRef, lookup
+from pipeline.core.stats import IngestStats
+
+__all__ = ["IngestActor"]
+
+log = logging.getLogger(__name__)
+
+SILENT_S = 6.0  # a live source silent for three windows is being reconnected
+WORKER_WAIT_S = 120.0  # how long a window waits for a restarting encoder before it is counted lost
+
+
+class IngestActor:
+    """Reads one source into AVWindows and submits each to the stream's encoder worker."""
+
+    def __init__(self, record: StreamRecord, names: ActorNames, store: StoreRef, policy: Any = None,
+                 retain: int = 32) -> None:
+        self.sid = record.id
+        self.names = names
+        self.store = store.connect(fail_fast=True)  # progress is informative: never stall the source on it
+        self.policy = policy  # pipeline.sources.policy.SourcePolicy: checked on open and every reconnect
+        self.metrics = get_metrics()
+        self.rec = self._latest(record)
+        self.st = IngestStats.from_dict(self.rec.extra.get("progress"))  # a restarted actor continues
+        self.st.status, self.st.done = ("starting" if self.st.windows_total == 0 else "reconnecting"), False
+        self.resume_at = self._durable_through() + 1
+        if self.resume_at > 0 and not _live_source(self.rec.source):  # a file's windows read but not
+            self.st.windows_total = min(self.st.windows_total, self.resume_at)  # durable are read again
+        self.worker_index = self.rec.worker
+        self.worker: Any = None  # resolved by name on first use (pipeline.engine.runtime.lookup)
+        self.retained: deque[RawWindow] = deque(maxlen=max(4, int(retain)))
+        self.incarnation: str | None = None
+        self.last_arrival: float | None = None
+        self._session_reconnects = 0  # reconnects of this actor's own Source (the record holds the total)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"ingest-{self.sid}", daemon=True)
+        self._thread.start()
+
+    def _latest(self, record: StreamRecord) -> StreamRecord:
+        try:
+            return StreamRecord.from_dict(self.store.get_stream(self.sid))
+        except Exception:  # the store is away: the record we were started with
+            return record
+
+    def _durable_through(self) -> int:
+        """Newest window index already in the store (window or compressor state), -1 if none."""
+        try:
+            last = self.store.last_window_index(self.sid)
+            state = self.store.load_state(self.sid)
+        except Exception:
+            return -1
+        return max(-1 if last is None else int(last), -1 if state is None else int(state.index))
+
+    # -- status --
+    def _set_status(self, status: str, error: str | None = None) -> None:
+        self.st.status, self.st.error = status, error
+        changes: dict[str, Any] = {"status": status, "error": error, "progress": self.st.to_dict()}
+        if status in ("ended", "failed"):  # the record keeps the final figures once this actor is gone
+            changes["ingest"] = {**self.st.to_dict(), "done": True}
+        self._record(changes)
+
+    def _record(self, changes: dict[str, Any]) -> None:
+        try:
+            self.store.update_stream(self.sid, changes)
+        except Exception:  # the store away or emptied (the service writes the registry back); a
+            # deleted stream's actor is stopped by the service. Informative only: never fail for it.
+            log.warning("stream %s: could not record its progress", self.sid)
+
+    # -- the source --
+    def _run(self) -> None:
+        from pipeline.sources.source import Source
+        from pipeline.sources.windows import iter_windows
+
+        rec = self.rec
+        try:
+            src = Source(rec.source, rec.options, policy=self.policy)
+            src.open()
+            self.st.live = bool(src.live or rec.realtime)
+            resumed = self.resume_at > 0
+            # a finite source fast-forwards to where the stream was; a live one starts afresh and
+            # its windows are numbered on from there
+            skip = self.resume_at if (resumed and not src.live) else 0
+            shift = self.resume_at if (resumed and src.live) else 0
+            prev = time.time()
+            for w in iter_windows(src, realtime=rec.realtime, size=rec.size, skip_windows=skip):
+                if self._stop.is_set():
+                    break
+                if shift:
+                    w = _shifted(w, shift, first=w.index == 0)
+                now = time.time()
+                self._observe(w, now, prev)
+                if self.st.status != "live":
+                    self.st.status = "live"
+                self._record({"status": "live", "error": None, "progress": self.st.to_dict()})
+                self._submit(RawWindow(self.sid, w, self.st.t0, now, rec.backpressure))
+                prev = time.time()
+            src.close()
+            if not self._stop.is_set():
+                self._finish()
+                self._set_status("ended")
+        except Exception as exc:  # a failing stream never takes another down: it reports and stops
+            log.warning("stream %s failed: %s", self.sid, exc)
+            self._set_status("failed", f"{type(exc).__name__}: {exc}")
+        finally:
+            self.st.done = True
+
+    def _observe(self, w: Any, now: float, prev: float) -> None:
+        """Advance the live clock and the counters with one window."""
+        st = self.st
+        if st.live:
+            t0 = now - w.end
+            st.t0 = t0 if st.t0 is None else min(st.t0, t0)
+            self.metrics.observe_stage("decode", max(0.0, now - (st.t0 + w.end)))
+        else:
+            self.metrics.observe_stage("decode", max(0.0, now - prev))
+        new_reconnects = w.reconnects - self._session_reconnects
+        for _ in range(max(0, new_reconnects)):
+            self.metrics.reconnect("source", self.sid)
+        st.reconnects += max(0, new_reconnects)
+        self._session_reconnects = max(self._session_reconnects, w.reconnects)
+        st.windows_total += 1
+        st.media_s = w.end
+        st.last_index = w.index
+        self.last_arrival = now
+
+    # -- the hand-over --
+    def _submit(self, item: RawWindow) -> None:
+        """Send one window; after an encoder restart or a move, first resend what it had not made durable."""
+        self.retained.append(item)
+        reply = self._resend_if_new(self._send(item))
+        if reply is None:  # the encoder did not come back in time: the window is lost, counted
+            self.st.drops["error"] = self.st.drops.get("error", 0) + 1
+            self.metrics.drop_window(self.sid, "error")
+            return
+        self._settle(reply)
+
+    def _resend_if_new(self, reply: SubmitReply | None) -> SubmitReply | None:
+        """While the encoder answers RESTARTED (a new incarnation: restarted, or the worker the
+        stream moved to), resend, in order, the retained windows after its durable point."""
+        while reply is not None and reply.added == SubmitReply.RESTARTED:
+            self.incarnation = reply.incarnation
+            log.warning("stream %s: new encoder incarnation; resending windows after %d", self.sid,
+                        reply.durable_through)
+            pending = [w for w in self.retained if w.index > reply.durable_through]
+            reply = SubmitReply(Added.OK, reply.incarnation, reply.durable_through)
+            for old in pending:
+                reply = self._send(old)
+                if reply is None or reply.added == SubmitReply.RESTARTED:
+                    break
+        return reply
+
+    def _settle(self, reply: SubmitReply) -> None:
+        self.incarnation = reply.incarnation
+        while self.retained and self.retained[0].index <= reply.durable_through:
+            self.retained.popleft()
+
+    def _send(self, item: RawWindow) -> SubmitReply | None:
+        """One submit, waiting while the stream's queue is full (backpressure) or its encoder is
+        restarting or being changed; None if no encoder takes it within WORKER_WAIT_S."""
+        deadline = time.monotonic() + WORKER_WAIT_S
+        while not self._stop.is_set():
+            try:
+                reply = ray.get(self._worker().submit.remote(item, self.incarnation), timeout=60)
+            except Exception as exc:  # the encoder died or left: Ray restarts it, or the engine moves
+                # the stream; keep the window meanwhile and ask the record where the stream is now
+                if time.monotonic() > deadline:
+                    log.warning("stream %s: window %d: encoder unavailable: %s", self.sid, item.index, exc)
+                    return None
+                time.sleep(0.5)
+                self._follow_record()
+                continue
+            if reply.added == Added.FULL:
+                time.sleep(0.05)
+                continue
+            if reply.added == SubmitReply.MOVED:  # handed to another worker: the record says which
+                time.sleep(0.1)
+                self._follow_record()
+                continue
+            return reply
+        return None
+
+    def _worker(self) -> Any:
+        if self.worker is None:
+            self.worker = lookup(self.names.encoder(self.worker_index))  # ValueError while it is gone
+        return self.worker
+
+    def _follow_record(self) -> None:
+        """Re-read which worker the stream's record names (the engine moved it, or the old one is gone)."""
+        try:
+            self.retarget(StreamRecord.from_dict(self.store.get_stream(self.sid)).worker)
+        except Exception:  # the store is away: try the same worker again
+            pass
+
+    def _finish(self) -> None:
+        """Tell the stream's worker the source ended (its lookahead is flushed), after resending
+        what a restarted or new worker lacks; follows a move."""
+        deadline = time.monotonic() + WORKER_WAIT_S
+        while time.monotonic() < deadline and not self._stop.is_set():
+            try:
+                reply = ray.get(self._worker().finish.remote(self.sid, self.incarnation), timeout=60)
+            except Exception:
+                time.sleep(0.5)
+                self._follow_record()
+                continue
+            if reply.added == SubmitReply.RESTARTED:
+                reply = self._resend_if_new(reply)
+                if reply is not None:
+                    self._settle(reply)
+                continue
+            if reply.added == SubmitReply.MOVED:
+                time.sleep(0.1)
+                self._follow_record()
+                continue
+            return
+        if not self._stop.is_set():
+            raise TimeoutError(f"no encoder worker took the end of stream {self.sid}")
+
+    def retarget(self, worker_index: int) -> bool:
+        """The engine moved the stream to pool member ``worker_index``: windows go there from the
+        next one on (it answers ``restarted``, so what was not durable is resent first)."""
+        if worker_index != self.worker_index:
+            self.worker_index, self.worker = int(worker_index), None
+        return True
+
+    # -- queries --
+    def stats(self) -> IngestStats:
+        st = dataclasses.replace(self.st, drops=dict(self.st.drops))
+        if st.status == "live" and st.live and not st.done and self.last_arrival is not None \
+                and time.time() - self.last_arrival > SILENT_S:
+            st.status = "reconnecting"
+        return st
+
+    def stop(self) -> bool:
+        self._stop.set()
+        return True
+
+
+def _live_source(source: str) -> bool:
+    """Whether the source cannot be read again from the start (a camera, a live URL)."""
+    from pipeline.sources.spec import classify
+
+    try:
+        return bool(classify(source).live)
+    except Exception:
+        return True
+
+
+def _shifted(w: Any, by: int, first: bool) -> Any:
+    """A live window renumbered ``by`` windows on (a restarted ingest continues the timeline);
+    the first one after the restart is flagged: the outage is a hole in the stream."""
+    span = w.end - w.start
+    return dataclasses.replace(w, index=w.index + by, start=w.start + by * span, end=w.end + by * span,
+                               frame_times=w.frame_times + by * span, frame_pts=w.frame_pts + by * span,
+                               discontinuity=w.discontinuity or first)
