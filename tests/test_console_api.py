@@ -112,12 +112,12 @@ def test_probe_reports_what_a_source_carries(api: Api, tmp_path_factory: pytest.
     r = api.post("/v1/sources/probe", json={"source": CLIP})
     assert r.status_code == 200, r.text
     p = r.json()
-    assert time.monotonic() - t < 5.0
+    assert time.monotonic() - t < 30.0  # only a hang: the probe's own 5-s deadline is elapsed_s
     assert p["ok"] is True and p["format"] == "lavfi" and p["elapsed_s"] < 5
     assert p["video"]["width"] == 320 and p["video"]["height"] == 240 and p["video"]["fps"] == 10
     assert p["audio"]["sample_rate"] == 16000 and p["audio"]["channels"] == 1 and p["audio"]["codec"]
     missing = api.post("/v1/sources/probe", json={"source": str(tmp_path_factory.getbasetemp() / "none.mp4")}).json()
-    assert missing["ok"] is False and "no such file" in missing["error"]
+    assert missing["ok"] is False and missing["error"] == "no media source could be read there"  # uniform (issue 18)
     assert {s["id"] for s in api.get("/v1/streams").json()["streams"]} == before  # nothing registered
 
 

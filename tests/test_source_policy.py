@@ -85,13 +85,22 @@ def test_special_addresses_refused(url, rule):
     assert rule_of(DEFAULT, url) == rule
 
 
+@pytest.mark.parametrize("url", ["http://[2606:4700::1111]/x.mp4", "http://8.8.8.8/", "rtsp://93.184.216.34/live"])
+def test_cameras_on_public_addresses_pass(url):
+    assert rule_of(DEFAULT, url) is None
+
+
+# issue 18: private, CGNAT and unique-local cameras only inside networks the operator names
+CAMERA_NETS = SourcePolicy(hosts=("10.0.0.0/8", "192.168.0.0/16", "172.16.0.0/12", "100.64.0.0/10", "fc00::/7"))
+
+
 @pytest.mark.parametrize("url", [
     "rtsp://10.0.0.5/stream", "rtsp://admin:pass@192.168.1.20:554/h264", "http://172.16.3.4/cam.m3u8",
-    "rtsps://10.1.1.1:322/s", "https://100.64.0.9/live/index.m3u8", "http://[2606:4700::1111]/x.mp4",
-    "http://[fc00::5]/x", "http://8.8.8.8/", "HTTP://10.0.0.5/x.ts",
+    "rtsps://10.1.1.1:322/s", "https://100.64.0.9/live/index.m3u8", "http://[fc00::5]/x", "HTTP://10.0.0.5/x.ts",
 ])
-def test_cameras_on_private_and_public_addresses_pass(url):
-    assert rule_of(DEFAULT, url) is None
+def test_cameras_on_private_addresses_pass_only_in_named_networks(url):
+    assert rule_of(DEFAULT, url) == "host:private"
+    assert rule_of(CAMERA_NETS, url) is None
 
 
 def test_loopback_allowed_only_when_enabled():
@@ -118,18 +127,18 @@ def fake_dns(monkeypatch, table: dict[str, list[str]]):
 
 
 def test_every_resolved_address_is_judged(monkeypatch):
-    fake_dns(monkeypatch, {"cam.example": ["203.0.113.7"], "two.example": ["203.0.113.8", "127.0.0.1"],
-                           "v6.example": ["2001:db8::1", "::ffff:169.254.169.254"], "gone.example": []})
+    fake_dns(monkeypatch, {"cam.example": ["93.184.216.34"], "two.example": ["93.184.216.35", "127.0.0.1"],
+                           "v6.example": ["2606:4700::1111", "::ffff:169.254.169.254"], "gone.example": []})
     assert rule_of(DEFAULT, "rtsp://cam.example/live") is None
-    assert DEFAULT.check_network("http://cam.example:8080/x").addresses == ("203.0.113.7",)
+    assert DEFAULT.check_network("http://cam.example:8080/x").addresses == ("93.184.216.34",)
     assert rule_of(DEFAULT, "rtsp://two.example/live") == "host:loopback"
     assert rule_of(DEFAULT, "http://v6.example/") == "host:link-local"
     assert rule_of(DEFAULT, "http://gone.example/") == "resolve"
 
 
 def test_host_allow_list(monkeypatch):
-    fake_dns(monkeypatch, {"cam.example": ["203.0.113.7"], "a.cams.example": ["198.51.100.1"],
-                           "other.example": ["198.51.100.2"], "lan.example": ["10.2.3.4"]})
+    fake_dns(monkeypatch, {"cam.example": ["93.184.216.34"], "a.cams.example": ["93.184.216.35"],
+                           "other.example": ["93.184.216.36"], "lan.example": ["10.2.3.4"]})
     p = SourcePolicy(hosts=("cam.example", "*.cams.example", "10.0.0.0/8"))
     assert rule_of(p, "rtsp://cam.example/x") is None
     assert rule_of(p, "rtsp://CAM.EXAMPLE./x") is None
@@ -137,7 +146,7 @@ def test_host_allow_list(monkeypatch):
     assert rule_of(p, "rtsp://lan.example/x") is None  # by its address
     assert rule_of(p, "rtsp://10.9.9.9/x") is None
     assert rule_of(p, "rtsp://other.example/x") == "host:not-allowed"
-    assert rule_of(p, "rtsp://192.168.1.1/x") == "host:not-allowed"
+    assert rule_of(p, "rtsp://192.168.1.1/x") == "host:private"  # private, and not in a named network
     # the allow-list restricts; it never lets loopback through on its own
     assert rule_of(SourcePolicy(hosts=("127.0.0.0/8",)), "http://127.0.0.1/") == "host:loopback"
     assert rule_of(SourcePolicy(allow={"loopback"}, hosts=("127.0.0.0/8",)), "http://[::ffff:127.0.0.1]/") is None
@@ -191,7 +200,7 @@ def test_devices():
 
 
 @pytest.mark.parametrize("source,whitelist", [
-    ("rtsp://10.0.0.1/x", "rtsp,rtp,udp,tcp"), ("RTSPS://10.0.0.1/x", "rtsp,rtp,udp,tcp,tls"),
+    ("rtsp://10.0.0.1/x", "rtsp,tcp"), ("RTSPS://10.0.0.1/x", "rtsp,tcp,tls"),  # UDP: OMNIZIP_RTSP_UDP
     ("http://10.0.0.1/x.mp4", "http,tcp"), ("http://10.0.0.1/live/index.m3u8", "http,tcp"),
     ("https://cdn.example/a.m3u8", "https,tls,tcp"), ("/srv/media/a.mp4", "file"),
     ("file:///srv/media/a.mp4", "file"), ("lavfi:testsrc2", ""), ("/dev/video0", ""), ("v4l2:/dev/video1", ""),

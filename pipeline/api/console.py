@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -27,7 +28,8 @@ from pipeline.api.errors import ApiError
 from pipeline.api.gate import tenant
 from pipeline.sources.options import HttpSourceOptions
 
-__all__ = ["ConsoleRoutes", "install", "router", "CONSOLE_DIR", "CONSOLE_FILES", "WindowPage", "ProbeRequest"]
+__all__ = ["ConsoleRoutes", "install", "router", "CONSOLE_DIR", "CONSOLE_FILES", "WindowPage", "ProbeRequest",
+           "MAX_WINDOW_INDEX", "MAX_PAGE"]
 
 router = APIRouter()
 CONSOLE_DIR = Path(__file__).with_name("static")
@@ -42,6 +44,11 @@ _STATIC_HEADERS = {
                                "form-action 'none'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
 _PNG_HEADERS = {"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"}
+#: the largest window index a query may name (68 years of 1-s windows): larger ones are 422,
+#: not a number handed to the store (which answered 500 with its own error text)
+MAX_WINDOW_INDEX = 2**31 - 1
+MAX_PAGE = 500  # windows in one page
+_INDEX = PathParam(ge=0, le=MAX_WINDOW_INDEX, description="the window's index")
 
 
 class WindowInfo(BaseModel):
@@ -111,9 +118,10 @@ class ConsoleRoutes:
     @router.get("/v1/streams/{stream_id}/windows", response_model=WindowPage,
                 summary="Per-window figures, paged: time span, tokens in/kept per modality, flags")
     async def list_windows(self, stream_id: str, request: Request,
-                           after: int = Query(-1, ge=-1, description="list windows with a larger index"),
-                           limit: int = Query(50, ge=1, le=500),
-                           tail: int | None = Query(None, ge=1, le=500,
+                           after: int = Query(-1, ge=-1, le=MAX_WINDOW_INDEX,
+                                              description="list windows with a larger index"),
+                           limit: int = Query(50, ge=1, le=MAX_PAGE),
+                           tail: int | None = Query(None, ge=1, le=MAX_PAGE,
                                                     description="the newest `tail` windows instead")) -> dict:
         start, n = (-tail, tail) if tail is not None else (after + 1, limit)
         ws = await self._call("windows", stream_id, start, stream_id=stream_id, owner=tenant(request), limit=n + 1)
@@ -138,12 +146,12 @@ class ConsoleRoutes:
 
     @router.get("/v1/streams/{stream_id}/windows/{index}/frames.png", response_class=Response,
                 summary="The window's frames: kept video patches outlined, dropped ones dimmed")
-    async def window_frames_png(self, stream_id: str, index: int, request: Request) -> Response:
+    async def window_frames_png(self, stream_id: str, request: Request, index: int = _INDEX) -> Response:
         return await self._picture(stream_id, index, request, "frames")
 
     @router.get("/v1/streams/{stream_id}/windows/{index}/audio.png", response_class=Response,
                 summary="The window's audio: envelope, each token's score, kept tokens marked")
-    async def window_audio_png(self, stream_id: str, index: int, request: Request) -> Response:
+    async def window_audio_png(self, stream_id: str, request: Request, index: int = _INDEX) -> Response:
         return await self._picture(stream_id, index, request, "audio")
 
     @router.post("/v1/sources/probe", response_model=ProbeResult,

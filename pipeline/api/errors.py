@@ -1,18 +1,21 @@
 """The one mapping from errors to HTTP: OpenAI's error shape ``{"error": {"message", "type",
 "param", "code"}}`` for every route. 422 schema errors (``param`` names the field), 404 unknown
 stream, 400 a ValueError from the engine, 409 a name taken, 429 a limit, 503 the engine or the
-store away; a 500 never carries a backend's text."""
+store away. A 500 (and the engine-away 503) never carries a backend's text: Redis, Ray or a
+library may name hosts, keys, paths or internals; the client gets "internal error" and a
+reference, the log gets the reference with the whole error."""
 
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-__all__ = ["ApiError", "install_error_handlers", "to_api_error"]
+__all__ = ["ApiError", "install_error_handlers", "internal_error", "to_api_error"]
 
 log = logging.getLogger("pipeline.api.app")
 
@@ -58,12 +61,27 @@ def _message(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def internal_error(exc: BaseException, what: str = "internal error") -> ApiError:
+    """A generic 500: the error and a reference logged here, only the reference sent."""
+    ref = uuid.uuid4().hex[:12]
+    log.error("%s, ref %s", what, ref, exc_info=exc)
+    return ApiError(500, f"internal error; reference {ref}", "internal_error")
+
+
+async def _unhandled(_: Request, exc: Exception) -> JSONResponse:
+    err = internal_error(exc, "unhandled error in a route")
+    return JSONResponse(err.body(), status_code=500)
+
+
 def to_api_error(exc: BaseException, stream_id: str | None = None) -> ApiError:
     from ray.exceptions import RayActorError
 
     cause = cause_of(exc)
     if isinstance(exc, RayActorError) or isinstance(cause, RayActorError):
-        return ApiError(503, f"the engine is unavailable: {_message(cause)}", "service_unavailable")
+        ref = uuid.uuid4().hex[:12]
+        log.warning("engine unavailable, ref %s: %r", ref, cause)
+        return ApiError(503, f"the engine is unavailable (restarting?); retry shortly; reference {ref}",
+                        "service_unavailable", headers={"Retry-After": "1"})
     from pipeline.errors import LimitExceeded, NameTaken, StoreUnavailable
     from pipeline.redact import redact
 
@@ -80,8 +98,7 @@ def to_api_error(exc: BaseException, stream_id: str | None = None) -> ApiError:
         return ApiError(404, f"no stream {what!r}", "not_found", param="stream_id")
     if isinstance(cause, (ValueError, TypeError)):
         return ApiError(400, redact(_message(cause)), param=getattr(cause, "param", None) or _rule_param(cause))
-    log.exception("engine error", exc_info=exc)
-    return ApiError(500, f"internal error: {type(cause).__name__}: {_message(cause)}", "internal_error")
+    return internal_error(exc, "engine error")
 
 
 def _rule_param(exc: BaseException) -> str | None:
@@ -98,3 +115,4 @@ def install_error_handlers(app: FastAPI) -> None:
     """Every ApiError and schema error of ``app`` answered in OpenAI's shape."""
     app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _unhandled)  # no traceback text ever reaches a client

@@ -9,6 +9,7 @@ Its own module so that pipeline.sources.source keeps to opening and decoding. Lo
 from __future__ import annotations
 
 import base64
+import ctypes
 import errno
 import http.client
 import logging
@@ -20,7 +21,7 @@ import urllib.parse
 from typing import TYPE_CHECKING, Any
 
 from pipeline.sources.hosts import NetworkTarget
-from pipeline.sources.policy import SourcePolicy, file_url_path
+from pipeline.sources.policy import MEDIA_FORMATS, SourcePolicy, file_url_path
 from pipeline.errors import SourceRefused
 from pipeline.redact import has_control_chars, redact
 
@@ -35,6 +36,7 @@ _AVIO_FLAG_WRITE = 2
 _MAX_REDIRECTS = 5
 _SKIP_FORWARD = 512 * 1024  # bytes a forward seek reads through instead of a new request
 _USER_AGENT = "OmniZip-Stream"
+_HEAD = 4096  # bytes of the source kept to name a refused container format
 
 
 class GuardedOpener:
@@ -87,6 +89,25 @@ class GuardedOpener:
         real = src.policy.check_file(path, url)
         return open(real, "rb")
 
+    def format_refused(self) -> SourceRefused:
+        """The refusal of a source FFmpeg would read with a demuxer off `MEDIA_FORMATS` (its
+        format_whitelist stopped it before the header was read): names the format when FFmpeg's
+        prober, run on the bytes already read, can tell it."""
+        first, head = self.first, b""
+        if isinstance(first, HttpReader):
+            head = first.head
+        elif self.source.spec.kind == "file":
+            try:
+                with open(self.source.policy.check_file(self.source.spec.target), "rb") as f:
+                    head = f.read(_HEAD)
+            except (OSError, SourceRefused):
+                pass
+        name = probe_format_name(head, urllib.parse.urlsplit(self.source.spec.url).path)
+        what = f"container format {name!r}" if name else "its container format"
+        return SourceRefused("format", f"{what} is not read from API sources (formats that name other "
+                             f"files or URLs, such as concat/ffconcat playlists, are refused); allowed: "
+                             f"{', '.join(MEDIA_FORMATS)}", self.source.spec.url)
+
     def close_all(self) -> None:
         with self._lock:
             files, self._files = self._files, []
@@ -95,6 +116,31 @@ class GuardedOpener:
                 f.close()
             except Exception:
                 pass
+
+
+class _ProbeData(ctypes.Structure):
+    _fields_ = [("filename", ctypes.c_char_p), ("buf", ctypes.c_void_p), ("buf_size", ctypes.c_int),
+                ("mime_type", ctypes.c_char_p)]
+
+
+def probe_format_name(head: bytes, filename: str = "") -> str | None:
+    """The demuxer FFmpeg's prober (av_probe_input_format3 of the libavformat PyAV loaded) picks
+    for these first bytes: only the name, for an error message; no demuxer runs. None when it
+    cannot tell (or the library is not found)."""
+    if not head:
+        return None
+    try:
+        lib = next(line.split()[-1] for line in open("/proc/self/maps") if "libavformat" in line)
+        fn = ctypes.CDLL(lib).av_probe_input_format3
+    except (OSError, StopIteration, AttributeError):
+        return None
+    fn.restype = ctypes.POINTER(ctypes.c_char_p)  # AVInputFormat starts with `const char *name`
+    fn.argtypes = [ctypes.POINTER(_ProbeData), ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
+    buf = ctypes.create_string_buffer(head + bytes(64), len(head) + 64)  # AVPROBE_PADDING_SIZE zeros
+    pd = _ProbeData(filename.encode(errors="replace"), ctypes.cast(buf, ctypes.c_void_p), len(head), None)
+    score = ctypes.c_int(0)
+    found = fn(ctypes.byref(pd), 1, ctypes.byref(score))
+    return found[0].decode(errors="replace") if found and found[0] else None
 
 
 def _connect_any(addresses: tuple[str, ...], port: int, timeout: float | None) -> socket.socket:
@@ -154,6 +200,7 @@ class HttpReader:
         self.open_timeout, self.read_timeout = open_timeout, read_timeout
         self.pos = 0
         self.size: int | None = None
+        self.head = b""  # the first bytes read (to name a refused format)
         self._ranges = False
         self._conn: http.client.HTTPConnection | None = None
         self._resp: http.client.HTTPResponse | None = None
@@ -181,6 +228,9 @@ class HttpReader:
             try:
                 conn.request("GET", path, headers=headers)
                 resp = conn.getresponse()
+            except http.client.HTTPException as e:  # its text is what the remote side sent: never shown
+                conn.close()
+                raise OSError(errno.EPROTO, f"not an HTTP answer ({type(e).__name__})") from None
             except BaseException:
                 conn.close()
                 raise
@@ -196,7 +246,7 @@ class HttpReader:
                 raise FileNotFoundError(errno.ENOENT, "HTTP 404 Not Found")
             if resp.status not in (200, 206) or (offset and resp.status != 206):
                 conn.close()
-                raise OSError(errno.EIO, f"HTTP {resp.status} {resp.reason}")
+                raise OSError(errno.EIO, f"HTTP {resp.status}")  # no reason phrase: the remote's text
             if conn.sock is not None:
                 conn.sock.settimeout(self.read_timeout)
             self._conn, self._resp, self.pos = conn, resp, offset
@@ -226,6 +276,8 @@ class HttpReader:
             data = self._resp.read1(n if n and n > 0 else 65536)
         except http.client.HTTPException as e:
             raise OSError(errno.EIO, f"HTTP read failed ({type(e).__name__})") from None
+        if self.pos < _HEAD:
+            self.head = (self.head + data)[:_HEAD] if self.pos == len(self.head) else self.head
         self.pos += len(data)
         return data
 

@@ -23,15 +23,17 @@ _NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1:
 _V4_THIS_NET = ipaddress.ip_network("0.0.0.0/8")
 _V4_RESERVED = ipaddress.ip_network("240.0.0.0/4")  # includes 255.255.255.255
 _V6_COMPAT = ipaddress.ip_network("::/96")
+_V6_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # IPv4-translated (RFC 2765, 6145)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def _embedded_v4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    """The IPv4 address an IPv6 address carries (mapped, compatible, 6to4, Teredo, NAT64)."""
+    """The IPv4 address an IPv6 address carries (mapped, translated, compatible, 6to4, Teredo,
+    NAT64): such an address is judged as that IPv4 address."""
     if ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
-    if ip in _V6_COMPAT:
+    if ip in _V6_COMPAT or ip in _V6_TRANSLATED:
         return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     if ip.sixtofour is not None:
         return ip.sixtofour
@@ -44,7 +46,10 @@ def _embedded_v4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
 
 
 def category(ip: IPAddress) -> str | None:
-    """Why an address is never a media source (loopback, link-local, ...), or None."""
+    """Why an address is not a media source an API client may name (loopback, link-local, ...,
+    "private" for every other address that is not globally reachable: RFC 1918, CGNAT,
+    unique-local, documentation, benchmarking, ... as Python's `is_global` has it), or None.
+    "private" is the one category an operator can lift, by naming the network in the host list."""
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.scope_id:
             ip = ipaddress.IPv6Address(ip.compressed.split("%", 1)[0])
@@ -57,7 +62,9 @@ def category(ip: IPAddress) -> str | None:
         if ip.is_multicast:
             return "multicast"
         v4 = _embedded_v4(ip)
-        return category(v4) if v4 is not None else None
+        if v4 is not None:
+            return category(v4)
+        return "private" if ip.is_site_local or not ip.is_global else None
     if ip.is_loopback:
         return "loopback"
     if ip.is_unspecified or ip in _V4_THIS_NET:  # 0.0.0.0 reaches this host on Linux
@@ -68,7 +75,7 @@ def category(ip: IPAddress) -> str | None:
         return "multicast"
     if ip in _V4_RESERVED:
         return "reserved"
-    return None
+    return None if ip.is_global else "private"
 
 
 def _inet_aton(s: str) -> ipaddress.IPv4Address | None:

@@ -3,10 +3,13 @@
 `SourcePolicy.check(source)` refuses (raises `SourceRefused`, naming the rule) a source that an
 API client must not make the service open:
 
-* network sources: `rtsp`, `rtsps`, `http`, `https` (HLS included) to any host except loopback,
-  link-local, unspecified, multicast and reserved addresses, judged on every address the host
+* network sources: `rtsp`, `rtsps`, `http`, `https` (HLS included) to any public host: never
+  loopback (unless allowed), link-local, unspecified, multicast or reserved addresses, nor
+  private / CGNAT / unique-local / other non-global ones unless inside a network (CIDR) the
+  operator names in `hosts`; judged on every address the host
   resolves to and in every spelling the C library accepts (`127.1`, `2130706433`, `0x7f000001`,
-  `0177.0.0.1`, `[::ffff:127.0.0.1]`, IPv4-compatible / 6to4 / Teredo / NAT64 embeddings,
+  `0177.0.0.1`, `[::ffff:127.0.0.1]`, `[::ffff:0:127.0.0.1]`, IPv4-compatible / 6to4 /
+  Teredo / NAT64 embeddings judged as the IPv4 address they carry,
   trailing dots, upper case, percent-encoding); optionally only hosts of an allow-list;
 * file paths and `file://` URLs only when the operator allows `file`, confined to `file_roots`
   (symlinks and `..` resolved) when set; never `/proc`, `/sys` or `/dev` as a file;
@@ -17,7 +20,8 @@ API client must not make the service open:
   `concat:`, `subfile,`, `data:`, `pipe:`, `crypto:`, ...), always.
 
 `SourcePolicy.protocol_whitelist(source)` is the fixed FFmpeg `protocol_whitelist` for the
-source's scheme. `redact(text)` removes credentials from every URL in a text.
+source's scheme; `MEDIA_FORMATS` the demuxers (FFmpeg `format_whitelist`) a guarded source may
+use; RTSP runs over TCP only unless `rtsp_udp`. `redact(text)` removes credentials from every URL in a text.
 `HttpSourceOptions` is the typed, bounded subset of `pipeline.sources.source.SourceOptions` an HTTP
 client may set. This module opens nothing (it resolves host names) and imports neither av, torch
 nor ray.
@@ -51,19 +55,30 @@ from pipeline.sources.lavfi import lavfi_filters
 from pipeline.errors import SourceRefused
 from pipeline.redact import has_control_chars
 
-__all__ = ["ALLOW_KINDS", "SourcePolicy", "file_url_path"]
+__all__ = ["ALLOW_KINDS", "MEDIA_FORMATS", "SourcePolicy", "file_url_path"]
 
 ALLOW_KINDS = frozenset({"file", "lavfi", "device", "loopback"})
 NETWORK_SCHEMES = {"rtsp": 554, "rtsps": 322, "http": 80, "https": 443}
 _WHITELIST = {
-    "rtsp": "rtsp,rtp,udp,tcp",
-    "rtsps": "rtsp,rtp,udp,tcp,tls",
+    "rtsp": "rtsp,tcp",  # TCP interleaved: the media comes on the connection that was judged
+    "rtsps": "rtsp,tcp,tls",
     "http": "http,tcp",
     "https": "https,tls,tcp",
     "file": "file",
     "lavfi": "",  # the lavfi device opens no URL; an empty whitelist lets nothing through
     "device": "",
 }
+_WHITELIST_RTSP_UDP = {"rtsp": "rtsp,rtp,udp,tcp", "rtsps": "rtsp,rtp,udp,tcp,tls"}
+# Demuxers a guarded (http(s)/HLS/file) source may be read with: container formats that carry
+# their media inside and open no URL named in the media. `hls` is here because its playlist,
+# segments and keys are opened through the guarded opener (its segments' demuxers must be here
+# too); concat/ffconcat, dash, imf, sdp, rtp, image2 (patterns), mov's drefs (forced off) and
+# every other format that names other URLs are refused by FFmpeg before it reads their header.
+MEDIA_FORMATS = (
+    "mpegts", "mov", "matroska", "flv", "live_flv", "avi", "mpeg", "ogg", "asf", "nut", "mxf",
+    "ivf", "mpjpeg", "h264", "hevc", "mjpeg", "m4v", "mpegvideo", "wav", "w64", "aiff", "caf",
+    "mp3", "aac", "ac3", "eac3", "flac", "amr", "webvtt", "hls",
+)
 _URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 # What FFmpeg takes for a protocol prefix (url_find_protocol): scheme characters, then ':'
 _FF_PROTOCOL = re.compile(r"^[A-Za-z0-9+.\-]+:")
@@ -84,13 +99,16 @@ def _split_list(value: str, seps: str) -> list[str]:
 
 @dataclass(frozen=True)
 class SourcePolicy:
-    """What an API client's source may be. The default refuses files, lavfi, devices and loopback
-    and allows rtsp/rtsps/http/https to any other unicast host (private ranges included)."""
+    """What an API client's source may be. The default refuses files, lavfi, devices, loopback
+    and every address that is not globally reachable (private, CGNAT, unique-local, ...: those
+    only inside a network the operator names in `hosts`), and allows rtsp/rtsps/http/https to
+    any public unicast host, RTSP over TCP only (`rtsp_udp` lets a client ask for UDP)."""
 
     allow: frozenset[str] = frozenset()  # subset of {"file", "lavfi", "device", "loopback"}
     file_roots: tuple[str, ...] = ()  # file sources must resolve inside one of these
     hosts: tuple[str, ...] = ()  # if set, network sources must match a name or CIDR here
     tls_verify: bool = True  # https fetched by the guarded reader verifies certificates
+    rtsp_udp: bool = False  # a client may ask for RTSP over UDP (the server names where RTP goes)
     unrestricted: bool = False  # permissive(): only the sanity rules (schemes, control chars)
     _host_rules: tuple = field(init=False, repr=False, compare=False, default=())
 
@@ -115,8 +133,9 @@ class SourcePolicy:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "SourcePolicy":
         """From OMNIZIP_ALLOW_SOURCES (comma list of file, lavfi, device, loopback),
         OMNIZIP_FILE_ROOTS (absolute directories, separated by os.pathsep or commas),
-        OMNIZIP_SOURCE_HOSTS (comma list of host names, *.domain suffixes or CIDRs) and
-        OMNIZIP_TLS_VERIFY (1/0). A bad value raises ValueError naming the variable."""
+        OMNIZIP_SOURCE_HOSTS (comma list of host names, *.domain suffixes or CIDRs; a CIDR
+        also lets private addresses inside it through), OMNIZIP_TLS_VERIFY (1/0) and
+        OMNIZIP_RTSP_UDP (1/0, default 0). A bad value raises ValueError naming the variable."""
         env = os.environ if environ is None else environ
         kw: dict[str, Any] = {}
         raw = env.get("OMNIZIP_ALLOW_SOURCES", "")
@@ -141,6 +160,10 @@ class SourcePolicy:
         if tv not in ("1", "0", "true", "false", "yes", "no", "on", "off", ""):
             raise ValueError(f"OMNIZIP_TLS_VERIFY: expected 1 or 0, not {tv!r}")
         kw["tls_verify"] = tv in ("1", "true", "yes", "on", "")
+        ru = env.get("OMNIZIP_RTSP_UDP", "0").strip().lower()
+        if ru not in ("1", "0", "true", "false", "yes", "no", "on", "off", ""):
+            raise ValueError(f"OMNIZIP_RTSP_UDP: expected 1 or 0, not {ru!r}")
+        kw["rtsp_udp"] = ru in ("1", "true", "yes", "on")
         return cls(**kw)
 
     @classmethod
@@ -148,7 +171,7 @@ class SourcePolicy:
         """Everything allowed (the operator's CLI and tests of ingestion): any host (not even
         resolved), file, lavfi graph or device; still no control characters and no other schemes
         or FFmpeg protocols. Sources opened under it use FFmpeg's own I/O (see pipeline.sources.source)."""
-        return cls(allow=ALLOW_KINDS, unrestricted=True)
+        return cls(allow=ALLOW_KINDS, unrestricted=True, rtsp_udp=True)
 
     # -- checks ----------------------------------------------------------------------------
     def check(self, source: Any) -> None:
@@ -228,7 +251,12 @@ class SourcePolicy:
             return
         if cat == "loopback" and "loopback" in self.allow:
             return
+        if cat == "private" and in_any(ip, [r for r in self._host_rules if not isinstance(r, str)]):
+            return  # the operator named this network (a camera subnet) in OMNIZIP_SOURCE_HOSTS
         shown = host if str(ip) == host else f"{host} ({ip})"
+        if cat == "private":
+            raise SourceRefused("host:private", f"{shown}: private or non-public address; the operator "
+                                "allows such networks by naming them (CIDR) in OMNIZIP_SOURCE_HOSTS", url)
         raise SourceRefused(f"host:{cat}", f"{shown}: {cat} address", url)
 
     def _match_hosts(self, name: str, addrs: list[IPAddress], url: str) -> None:
@@ -300,11 +328,21 @@ class SourcePolicy:
         return _kind_of(source)[0]
 
     def protocol_whitelist(self, source: Any) -> str:
-        """The fixed FFmpeg protocol_whitelist for the source's scheme: rtsp 'rtsp,rtp,udp,tcp'
-        (+tls for rtsps), http 'http,tcp', https 'https,tls,tcp' (HLS playlists included), file
-        'file', lavfi and devices '' (they open no URL)."""
+        """The fixed FFmpeg protocol_whitelist for the source's scheme: rtsp 'rtsp,tcp' (+tls for
+        rtsps; 'rtsp,rtp,udp,tcp' only where `rtsp_udp` is on), http 'http,tcp', https
+        'https,tls,tcp' (HLS playlists included), file 'file', lavfi and devices '' (they open
+        no URL)."""
         kind, _ = _kind_of(source)
+        if self.rtsp_udp and kind in _WHITELIST_RTSP_UDP:
+            return _WHITELIST_RTSP_UDP[kind]
         return _WHITELIST["file" if kind == "file-url" else kind]
+
+    def check_rtsp_transport(self, transport: str, url: str) -> None:
+        """RTSP over UDP lets the server name where the service sends RTP/RTCP (`source=` and
+        `server_port` of its SETUP reply): only where the operator turned it on."""
+        if transport == "udp" and not self.rtsp_udp and not self.unrestricted:
+            raise SourceRefused("rtsp:udp", "RTSP over UDP is not enabled on this service (the operator's "
+                                "OMNIZIP_RTSP_UDP); use rtsp_transport 'tcp'", url)
 
 def _inside(path: str, root: str) -> bool:
     root = root.rstrip("/") or "/"

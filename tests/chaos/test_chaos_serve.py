@@ -44,7 +44,7 @@ def test_serve_replica_kill_loses_nothing(serve_api: dict[str, Any]) -> None:
                     break
             except requests.RequestException:
                 pass
-            assert time.monotonic() - t < 10.0, "the API did not answer again within 10 s"
+            assert time.monotonic() - t < 60.0, "the API did not answer again within 60 s"  # only a hang
             time.sleep(0.2)
         st = api.wait(sid, lambda s: s["status"] in ("ended", "failed"), 60, "the end")
         assert st["status"] == "ended" and st["windows"] == 8 and st["dropped"] == 0, st
