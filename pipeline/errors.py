@@ -73,3 +73,10 @@ class StoreUnavailable(Exception):
     """The store (Redis) does not answer: the request can be retried shortly (503)."""
 
     retry_after_s = 5
+
+
+class StreamFailed(Exception):
+    """The stream failed for good (its context cannot be held: the message says why); a question
+    about it is answered 409 naming the reason, not 404."""
+
+    param = "stream_id"

@@ -189,6 +189,8 @@ class _RayBackend:
         self._refresher: threading.Thread | None = None
 
     def inc(self, name: str, value: float, tags: Mapping[str, str]) -> None:
+        if value <= 0:  # Ray's Counter refuses 0 (a window without video adds 0 video tokens)
+            return
         self.m[name].inc(value, tags=dict(tags) or None)
 
     def set(self, name: str, value: float, tags: Mapping[str, str]) -> None:

@@ -201,26 +201,71 @@ class RollingContext:
             self._windows.extend(windows)
         self._update_next_position()
 
-    def rebuild(self, windows: Iterable[CompressedWindow]) -> None:
-        """Start over from stored windows (e.g. after a decoder restart): keep the newest that fit, one prefill.
-
-        The kept windows are numbered from the oldest kept one, as the live context numbers them.
-        """
-        ws = list(windows)
-        last = None
-        for w in ws:
-            self._check(w, last)
-            last = w.index
-        keep: list[CompressedWindow] = []
-        tokens = 0
-        for w in reversed(ws):
-            if not self._fits(w.index, ws[-1].index, tokens + w.n_tokens):
+    def rebuild_skip(self, sizes: Sequence[tuple[int, int]]) -> int:
+        """How many of the oldest stored windows a rebuild leaves out: ``sizes`` are (index,
+        n_tokens) in order; only the newest windows that fit the budget and the position range
+        are prefilled (the others would be evicted at once), so a caller need not read them."""
+        tokens = kept = 0
+        for index, n in reversed(sizes):
+            if not self._fits(index, sizes[-1][0], tokens + n):
                 break
-            keep.append(w.rebased(self.offset))
-            tokens += w.n_tokens
-        keep.reverse()
-        self._prefill(keep)
-        self.evicted_windows = len(ws) - len(keep)
+            tokens += n
+            kept += 1
+        return len(sizes) - kept
+
+    def rebuild(self, windows: Iterable[CompressedWindow], *, skipped: int = 0, chunk_tokens: int = 256) -> None:
+        """Start over from stored windows (e.g. after a decoder restart), streamed: windows are
+        prefilled at most ``chunk_tokens`` at a time and not kept, so the peak memory stays near
+        the context's own size however long the stream (one prefill of everything held every
+        window, its copies and a whole-context activation at once: 4.5x in issue 19).
+
+        A list keeps its newest windows that fit (``rebuild_skip``); an iterator should start
+        at the first window that fits (``skipped``: how many older ones the caller left out),
+        else older windows are evicted on the way as ``append`` does. The kept windows are
+        numbered from the oldest kept one, as the live context numbers them.
+        """
+        if isinstance(windows, Sequence):
+            last = None
+            for w in windows:
+                self._check(w, last)
+                last = w.index
+            skipped = self.rebuild_skip([(w.index, w.n_tokens) for w in windows])
+            windows = windows[skipped:]
+        self.reset()
+        pending: list[CompressedWindow] = []
+        for raw in windows:
+            w = self._check(raw, pending[-1].index if pending else self.last_index)
+            held = self.n_tokens - self.prefix_tokens + sum(p.n_tokens for p in pending)
+            first = self.spans[0].index if self.spans else (pending[0].index if pending else w.index)
+            if not self._fits(first, w.index, held + w.n_tokens) or not (self.spans or pending):
+                self._prefill_more(pending, chunk_tokens)
+                pending = []
+                self._evict_for(w)  # the first window sets the numbering's base
+            pending.append(w)
+            if sum(p.n_tokens for p in pending) >= chunk_tokens:
+                self._prefill_more(pending, chunk_tokens)
+                pending = []
+        self._prefill_more(pending, chunk_tokens)
+        self.evicted_windows += skipped
+        self._evicted_since_refresh = 0
+        self._update_next_position()
+
+    def _prefill_more(self, windows: Sequence[CompressedWindow], chunk_tokens: int) -> None:
+        """Append checked, re-based, fitting windows at the current numbering, at most
+        ``chunk_tokens`` per forward (a forward's activations grow with its tokens times the context)."""
+        if not windows:
+            return
+        spans = [self._span(w) for w in windows]
+        if sum(w.n_tokens for w in windows):
+            embeds = torch.cat([w.embeds for w in windows])
+            positions = torch.cat([s.positions(self.base_index) for s in spans], dim=1)
+            for a in range(0, embeds.shape[0], chunk_tokens):
+                self._forward(embeds[a:a + chunk_tokens].to(self.adapter.device, self.adapter.dtype),
+                              positions[:, a:a + chunk_tokens])
+            del embeds
+        self.spans.extend(spans)
+        if self.refresh_every is not None:
+            self._windows.extend(windows)
 
     def refresh(self) -> None:
         """Re-prefill the held windows at their current positions: drops the residue of evicted windows."""
@@ -264,7 +309,3 @@ class RollingContext:
                                            max_new_tokens, stop_ids)
         finally:
             self.cache.crop(length - self.cache.get_seq_length())
-
-    def answer_text(self, question: str | None = None, max_new_tokens: int = 64, *,
-                    messages: Sequence[Any] | None = None) -> str:
-        return self.adapter.processor.decode(list(self.answer(question, max_new_tokens, messages=messages)))

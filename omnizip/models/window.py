@@ -129,7 +129,7 @@ def compress_encoded(enc: EncodedWindow, audio_keep: torch.Tensor | None = None,
         raise ValueError(f"keep masks must be [{enc.n_audio}] and {tuple(enc.video.shape[:2])}")
     audio_src = enc.audio if audio is None else audio.to(enc.audio.device, enc.audio.dtype)
     keep = torch.cat([v_keep, a_keep]).to(enc.audio.device)
-    embeds = torch.cat([enc.video.reshape(n_video, -1), audio_src])[keep]
+    embeds = torch.cat([enc.video.reshape(n_video, enc.video.shape[-1]), audio_src])[keep]  # [0, D] without video
     return CompressedWindow(index=enc.index, embeds=embeds, position_ids=enc.position_ids[:, keep.to(
         enc.position_ids.device)], offset=enc.offset, audio_in=enc.n_audio, audio_kept=int(a_keep.sum()),
         video_in=n_video, video_kept=int(v_keep.sum()), video_ratio=float(video_ratio),

@@ -82,7 +82,7 @@ def to_api_error(exc: BaseException, stream_id: str | None = None) -> ApiError:
         log.warning("engine unavailable, ref %s: %r", ref, cause)
         return ApiError(503, f"the engine is unavailable (restarting?); retry shortly; reference {ref}",
                         "service_unavailable", headers={"Retry-After": "1"})
-    from pipeline.errors import LimitExceeded, NameTaken, StoreUnavailable
+    from pipeline.errors import LimitExceeded, NameTaken, StoreUnavailable, StreamFailed
     from pipeline.redact import redact
 
     if isinstance(cause, StoreUnavailable):
@@ -93,6 +93,8 @@ def to_api_error(exc: BaseException, stream_id: str | None = None) -> ApiError:
                         {"Retry-After": str(cause.retry_after_s)})
     if isinstance(cause, NameTaken):
         return ApiError(409, _message(cause), "conflict", cause.param)
+    if isinstance(cause, StreamFailed):
+        return ApiError(409, f"the stream failed: {_message(cause)}", "conflict", "stream_id")
     if isinstance(cause, KeyError):
         what = stream_id if stream_id is not None else _message(cause)
         return ApiError(404, f"no stream {what!r}", "not_found", param="stream_id")

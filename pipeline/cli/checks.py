@@ -20,6 +20,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from omnizip.spec import METHOD_NAMES
+
 
 __all__ = ["SettingsError", "PRESET_NAMES", "METHOD_NAMES", "DTYPE_NAMES", "check_source", "check_model", "check_dtype",
            "check_stream_options", "check_port_free", "check_output", "check_store_url", "parse_ray_address",
@@ -31,7 +33,6 @@ class SettingsError(ValueError):
 
 
 PRESET_NAMES = ("tiny", "small", "3b", "7b")  # omnizip.models.PRESETS
-METHOD_NAMES = ("omnizip", "keep_all", "random", "fixed_ratio")  # omnizip.METHODS
 DTYPE_NAMES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")  # omnizip.models.parse_dtype
 CHECKPOINT_TYPES = ("qwen2_5_omni", "qwen2_5_omni_thinker")
 
@@ -141,24 +142,46 @@ def check_stream_options(spec: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def check_port_free(host: str, port: int) -> None:
-    """The HTTP port can be bound (nothing else listens there)."""
+    """The HTTP port can be bound (nothing else listens there). With SO_REUSEADDR, as the real
+    server (uvicorn) binds: connections of a stopped server still in TIME_WAIT must not block a
+    restart for a minute, while a socket that listens there is still refused (Linux)."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
         raise SettingsError(f"--host {host!r}: {e.strerror or e}") from None
     fam, _, _, _, addr = infos[0]
     with socket.socket(fam, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(addr)
         except OSError as e:
             raise SettingsError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror or e})") from None
 
 
-def check_store_url(url: str | None) -> None:
-    """The store URL's form (no connection is made: Redis may come up after the service)."""
-    if url and url != "memory://" and url.split("://", 1)[0] not in ("redis", "rediss", "unix"):
+def check_store_url(url: str | None, timeout_s: float = 2.0) -> None:
+    """The store URL's form, and a Redis that answers there must not evict keys (an evicting
+    ``maxmemory-policy`` loses stored windows and streams without an error). A Redis that does
+    not answer yet is not judged: it may come up after the service, which checks the policy
+    again before every create (pipeline.store.redis_store.RedisStore.check_policy)."""
+    if not url or url == "memory://":
+        return
+    if url.split("://", 1)[0] not in ("redis", "rediss", "unix"):
         raise SettingsError("--redis-url: scheme must be redis://, rediss:// or unix:// (or none for the "
                             "in-process store)")
+    from pipeline.store.redis_store import RedisStore, evicting, eviction_message
+
+    try:
+        store = RedisStore(url, retries=0, socket_timeout_s=timeout_s)
+    except Exception:  # a malformed URL: the service reports it where it connects
+        return
+    try:
+        policy = store.eviction_policy()
+    except Exception:  # not answering (yet): nothing to judge
+        return
+    finally:
+        store.close()
+    if evicting(policy):
+        raise SettingsError(f"--redis-url: {eviction_message(str(policy))}")
 
 
 def check_output(path: str, suffixes: tuple[str, ...]) -> Path:

@@ -15,7 +15,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-__all__ = ["Bounds", "Member", "Move", "least_loaded", "pressed", "rebalance", "target_size"]
+__all__ = ["Bounds", "Member", "MemoryFull", "Move", "context_bytes", "kv_bytes_per_token", "least_loaded",
+           "place_by_memory", "pressed", "rebalance", "target_size"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,46 @@ def least_loaded(assigned: Iterable[int], members: Iterable[int]) -> int:
         raise ValueError("the pool has no member to place a stream on")
     load = Counter(a for a in assigned if a in ms)
     return min(ms, key=lambda m: (load[m], m))
+
+
+def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
+    """What one context token holds in the KV cache: keys and values of every layer."""
+    return int(layers) * int(kv_heads) * int(head_dim) * 2 * int(dtype_bytes)
+
+
+def context_bytes(tokens: int, per_token: int) -> int:
+    """The memory a context of ``tokens`` (its budget: it grows to it) takes at most."""
+    return int(tokens) * int(per_token)
+
+
+class MemoryFull(ValueError):
+    """No decoder has room for a stream's context; the message names the need and the room."""
+
+
+def place_by_memory(streams: Iterable[tuple[int, int]], members: Iterable[int], need: int,
+                    budgets: Mapping[int, int | None]) -> int:
+    """The member with the fewest streams among those whose context memory still holds ``need``
+    bytes (``streams``: (member, bytes) per running stream; ``budgets``: each member's bytes for
+    contexts, None where unknown: a member that has not reported yet is not refused).
+    MemoryFull when none has room, ValueError without members."""
+    ms = sorted(set(members))
+    if not ms:
+        raise ValueError("the pool has no member to place a stream on")
+    used: Counter = Counter()
+    count: Counter = Counter()
+    for m, b in streams:
+        used[m] += int(b)
+        count[m] += 1
+    fits = [m for m in ms if budgets.get(m) is None or used[m] + need <= int(budgets[m])]  # type: ignore[operator]
+    if not fits:
+        room = max(int(budgets[m]) - used[m] for m in ms)  # type: ignore[arg-type]
+        mib = 1 << 20
+        raise MemoryFull(f"no decoder has memory for this stream's context: it needs {need / mib:.1f} MiB, "
+                         f"the most any decoder has left is {max(room, 0) / mib:.1f} MiB "
+                         f"(of {max(int(b or 0) for b in budgets.values()) / mib:.1f} MiB); use a smaller "
+                         "context_tokens, delete a stream, or give the decoders more memory "
+                         "(OMNIZIP_DECODER_MEMORY_BYTES)")
+    return min(fits, key=lambda m: (count[m], m))
 
 
 def rebalance(assigned: Mapping[str, int], members: Iterable[int]) -> list[Move]:

@@ -11,8 +11,9 @@ from typing import Any
 
 from pipeline.core.records import StreamRecord
 from pipeline.redact import redact
+from pipeline.store.contract import WindowSpan
 
-__all__ = ["DecoderStats", "EncoderStats", "IngestStats", "TokenCounts", "stream_status"]
+__all__ = ["DecoderStats", "EncoderStats", "IngestStats", "TokenCounts", "missing_windows", "stream_status"]
 
 
 @dataclass
@@ -29,9 +30,16 @@ class IngestStats:
     last_index: int | None = None
     done: bool = False
     drops: dict[str, int] = field(default_factory=dict)
+    decode_errors: int = 0  # corrupt packets the source skipped (the windows are flagged `damaged`)
+    duration_s: float | None = None  # a file's declared duration: reaching less is `ended_early`
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def ended_early(self) -> bool:
+        """The file ended more than a window's worth before its container's declared duration."""
+        return (self.status == "ended" and self.duration_s is not None
+                and self.media_s < self.duration_s - 2.0)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "IngestStats":
@@ -68,6 +76,7 @@ class EncoderStats:
     unwritten: int = 0  # windows and states waiting for the store (pipeline.store.writer)
     decoder: int = 0
     harder: int = 0
+    duplicates: int = 0  # windows refused as already seen: a producer that renumbered from an old index
     tokens: TokenCounts = field(default_factory=TokenCounts)
     drops: dict[str, int] = field(default_factory=dict)
 
@@ -92,18 +101,52 @@ class DecoderStats:
 
 
 def _drained(enc: EncoderStats, dec: DecoderStats) -> bool:
-    """Every window the encoder stored has been appended or dropped by the decoder."""
-    if not enc.known or not dec.known or enc.queue or enc.busy or enc.ending or enc.unwritten \
-            or dec.queue or dec.busy:
+    """Every window the encoder stored has been appended or dropped by the decoder. A worker
+    that does not hold the stream (it restarted, or the engine did, after the source ended)
+    has nothing of it in flight: what the store holds is all there is, and a decoder rebuilds
+    its context from that, so the durable end in the record stands."""
+    if not enc.known:
+        return True
+    if enc.queue or enc.busy or enc.ending or enc.unwritten:
+        return False
+    if not dec.known:
+        return True  # a decoder away or restarting reads the store when it is back
+    if dec.queue or dec.busy:
         return False
     return dec.handled >= enc.last_stored
 
 
+def missing_windows(span: WindowSpan | None, enc: EncoderStats, skipped: int,
+                    retention_windows: int | None = None, retention_by_age: bool = False) -> int | None:
+    """Windows the store should hold but does not (evicted by Redis, lost with a flushed
+    database): the index range it should hold, less the windows it holds and those the stream
+    dropped on purpose (``skipped``, counted in its drops). None when the store did not answer.
+    The range starts at 0, or where count retention starts it; with age retention (whose start
+    needs media times) only holes after the oldest stored window count. An undercount, never an
+    overcount: drops outside the range are subtracted too."""
+    if span is None:
+        return None
+    last = -1 if span.last is None else span.last
+    if enc.known and not enc.unwritten:  # every window it emitted has reached the store (or is counted lost)
+        last = max(last, enc.last_stored)
+    if last < 0:
+        return 0
+    first = 0
+    if retention_windows is not None:
+        first = max(0, last - retention_windows + 1)
+    if retention_by_age and span.first is not None:
+        first = max(first, span.first)
+    return max(0, last - first + 1 - span.count - skipped)
+
+
 def stream_status(rec: StreamRecord, ing: IngestStats | None, enc: EncoderStats | None,
-                  dec: DecoderStats | None, now: float | None = None, pending: bool = False) -> dict[str, Any]:
+                  dec: DecoderStats | None, now: float | None = None, pending: bool = False,
+                  span: WindowSpan | None = None, retention: tuple[int | None, bool] = (None, False)) -> dict[str, Any]:
     """The status of one stream from its record and what its three stages report (any of which
     may be missing: an actor restarting, a finished source whose figures are in the record).
-    ``pending``: the ingest actor exists but is not placed yet (waiting for resources)."""
+    ``pending``: the ingest actor exists but is not placed yet (waiting for resources);
+    ``span``: what the store holds of its windows (None: unknown), judged under ``retention``
+    (max windows, whether age retention is on) for ``missing_windows``."""
     ingest_gone = ing is None
     if ing is None:  # no answer from the actor: its final figures, if the record has them
         ing = IngestStats.from_dict(rec.ingest) if rec.ingest is not None else IngestStats(status="")
@@ -117,6 +160,8 @@ def stream_status(rec: StreamRecord, ing: IngestStats | None, enc: EncoderStats 
         status = "pending"
     elif ingest_gone and rec.ingest is None and status in ("starting", "live", "reconnecting"):
         status, error = "failed", "the stream's ingest actor is gone"
+    if rec.extra.get("context_failed"):  # its decoder gave up rebuilding it (pipeline.engine.rebuild)
+        status, error = "failed", str(rec.extra["context_failed"])
     if status == "ended" and not _drained(enc, dec):
         status = "live"  # the source ended; its last windows are still on their way into the context
     lag = 0.0
@@ -137,5 +182,8 @@ def stream_status(rec: StreamRecord, ing: IngestStats | None, enc: EncoderStats 
         "reconnects": ing.reconnects, "context_tokens": dec.context_tokens,
         "tokens": {"audio": {"in": t.audio_in, "kept": t.audio_kept}, "video": {"in": t.video_in, "kept": t.video_kept}},
         "settings": dataclasses.asdict(rec.settings), "compressed_harder": enc.harder, "drops": drops,
+        "missing_windows": missing_windows(span, enc, sum(ing.drops.values()) + sum(enc.drops.values()), *retention),
+        "duplicates": enc.duplicates,
+        "decode_errors": ing.decode_errors, "duration_s": ing.duration_s, "ended_early": ing.ended_early(),
     }
 

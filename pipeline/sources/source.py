@@ -48,7 +48,7 @@ from pipeline.sources.events import (
     merge_by_arrival,
     merge_by_time,
 )
-from pipeline.sources.policy import SourcePolicy
+from pipeline.sources.policy import MEDIA_FORMATS, SourcePolicy
 from pipeline.errors import SourceRefused
 from pipeline.redact import has_control_chars, redact
 from pipeline.sources.spec import SourceOptions, classify, device_spec
@@ -75,6 +75,8 @@ def _cause(e: BaseException) -> BaseException | None:
 class Source:
     """One opened media source. Use as a context manager; iterate `events()`."""
 
+    MAX_DEMUX_RETRIES = 32  # a file's demuxer failing this often in a row, decoding nothing: the end
+
     def __init__(self, url: str | os.PathLike, options: SourceOptions | Mapping | None = None,
                  *, sample_rate: int = 16000, policy: SourcePolicy | None = None) -> None:
         self.policy = SourcePolicy.permissive() if policy is None else policy
@@ -92,6 +94,7 @@ class Source:
         self.sample_rate = int(sample_rate)
         self.reconnects = 0  # counted for metrics
         self.decode_errors = 0  # packets the decoder rejected (corrupt data), skipped
+        self._events_out = 0  # events decoded so far: tells a demuxer stuck on damage from one reading on
         self.has_audio = False
         self.has_video = False
         self.video_size: tuple[int, int] | None = None  # (H, W) as the stream declares it
@@ -133,6 +136,8 @@ class Source:
         self.policy.check(self.spec.url)
         if self.options.audio_device:
             self.policy.check_audio_device(self.options.audio_device)
+        if self.spec.kind == "rtsp":
+            self.policy.check_rtsp_transport(self.options.rtsp_transport, self.spec.url)
         if not self.policy.unrestricted:
             for k, v in self.options.input_options.items():
                 if has_control_chars(str(k)) or has_control_chars(str(v)):
@@ -162,9 +167,10 @@ class Source:
             # request goes through the opener
             opts["http_persistent"] = "0"
             opts["http_multiple"] = "0"
-            if self.spec.kind == "file":
-                opts["safe"] = "1"  # concat lists: relative, plain names only
-                opts["enable_drefs"] = "0"  # mov: no external data references
+            opts["enable_drefs"] = "0"  # mov: no external data references
+            opts["safe"] = "1"  # concat (never reached: not on the list below): plain relative names
+            # only demuxers that open no URL named inside the media (concat, dash, sdp, ...: no)
+            opts["format_whitelist"] = ",".join(MEDIA_FORMATS)
         return opts
 
     def _open_one(self, target: str, fmt: str | None, opts: dict[str, str], io_open: Any = None) -> Any:
@@ -176,6 +182,8 @@ class Source:
         except SourceError:  # the opener's verdict (SourceRefused) or its typed failure
             raise
         except Exception as e:
+            if "format_whitelist" in opts and isinstance(e, av.error.ArgumentError):
+                raise self._opener.format_refused() from None  # EINVAL: a format not on the list
             # When PyAV's interrupt callback cuts a blocking open, the demuxer reports whatever
             # its half-read state gives (EIO, invalid data, ...): the clock tells what happened.
             if (isinstance(e, (av.error.ExitError, av.error.TimeoutError, TimeoutError))
@@ -242,13 +250,19 @@ class Source:
         Raises SourceUnavailableError when a live source cannot be brought back."""
         if not self._opened:
             self.open()
+        stuck = 0  # demux errors in a row with nothing decoded between them
         while True:
             reason = "end of stream"
+            mark = self._events_out
             try:
                 yield from self._read_all()
             except (av.FFmpegError, OSError) as e:
-                if not self.live:  # a damaged file: keep what decoded, end there
+                if not self.live:  # a damaged file: demux on past the damage, as ffmpeg does
                     self.decode_errors += 1
+                    stuck = 0 if self._events_out > mark else stuck + 1
+                    if stuck < self.MAX_DEMUX_RETRIES and not self._stop.is_set():
+                        log.info("%s: demux error, reading on: %s", self.url, redact(e))
+                        continue
                     log.warning("%s: reading stopped: %s", self.url, redact(e))
                     return
                 reason = redact(f"{type(e).__name__}: {e}")
@@ -297,21 +311,39 @@ class Source:
                 raise self._opener.refused  # a playlist or redirect pointed somewhere refused
             try:
                 frames = packet.decode()
-            except av.FFmpegError as e:  # corrupt packet: skip it, the timeline will show the hole
+                events = [ch for fr in frames for ch in self._events_of(fr)]
+            except (av.FFmpegError, ValueError) as e:  # corrupt packet: skip it, the timeline shows the hole
                 self.decode_errors += 1
                 log.debug("%s: decode error: %s", self.url, redact(e))
                 continue
-            for fr in frames:
-                if isinstance(fr, av.AudioFrame):
-                    yield from self._resample(fr)
-                else:
-                    yield VideoChunk(fr.time, fr)
+            self._events_out += len(events)
+            yield from events
         if self._resampler is not None:  # the resampler holds a few samples back: flush them
             rs, self._resampler = self._resampler, None
             for out in rs.resample(None):
                 yield self._audio_chunk(out)
         if self._opener is not None and self._opener.refused is not None:
             raise self._opener.refused  # FFmpeg skipped a refused segment: the source ends refused
+
+    def _events_of(self, fr: av.AudioFrame | av.VideoFrame) -> list[Event]:
+        if isinstance(fr, av.AudioFrame):
+            return list(self._resample(fr))
+        return [VideoChunk(fr.time, fr)]
+
+    def declared_end(self) -> float | None:
+        """Source time at which a file's container says it ends (its start plus its duration);
+        None for a live source or when the container declares no duration."""
+        d = self.duration_s()
+        if d is None:
+            return None
+        start = self._containers[0][0].start_time
+        return (start or 0) / 1e6 + d
+
+    def duration_s(self) -> float | None:
+        """The container's declared duration in seconds (files only; None when unknown)."""
+        if self.live or not self._containers or not self._containers[0][0].duration:
+            return None
+        return self._containers[0][0].duration / 1e6
 
     def _resample(self, fr: av.AudioFrame) -> Iterator[AudioChunk]:
         key = (fr.format.name, fr.layout.name, fr.sample_rate)

@@ -12,9 +12,16 @@ window_s * sample_rate audio samples and window_s * fps frames, whatever the sou
   holds its timestamp). A sample instant inside an interval between two frames longer than
   `video_gap_s` (or past the last frame, or before the first) holds the nearest frame and is
   flagged (`video_gap`, `video_filled`);
-* a clock jump (a backward step, or a forward step beyond `max_gap_s` in a file) is rebased so
-  media time continues, and flagged (`discontinuity`); in a live source a jump is rebased by
-  wall-clock time, so a real outage becomes a flagged gap;
+* a clock jump (a backward step, or a forward step beyond `max_gap_s` in a file that lands past
+  the container's declared end) is rebased so media time continues, and flagged
+  (`discontinuity`); in a live source a jump is rebased by wall-clock time, so a real outage
+  becomes a flagged gap. In a file, a forward step that stays inside the container's duration
+  is media lost to damage: a flagged hole, the timeline kept (as ffmpeg plays it);
+* in a file, an event off its track's line (more than `jump_back_s` either way) is held until
+  the next event of that track: if that one goes on from the old line, the held one was a stray
+  (a damaged decoder's misplaced frame) and is dropped; else it starts the new line;
+* decoding errors the source skipped are counted in the window being assembled when they
+  happened (`decode_errors`, `damaged`);
 * after a reconnect the new session is placed at the media time reached before the outage
   plus the wall-clock outage, so the timeline continues and the outage is a flagged gap;
 * a missing track gives silence / no frames with `has_audio` / `has_video` False;
@@ -36,6 +43,7 @@ from pipeline.sources.policy import SourcePolicy
 from pipeline.sources.events import AudioChunk, Reconnected, VideoChunk
 from pipeline.sources.source import Source
 from pipeline.sources.spec import SourceOptions
+from pipeline.sources.tracks import AudioLine, Held
 from pipeline.errors import SourceError
 
 _EPS = 1e-4  # seconds: timestamp rounding slack when comparing a frame time to a sample time
@@ -61,6 +69,7 @@ class AVWindow:
     discontinuity: bool = False  # the source clock jumped inside this window (rebased)
     reconnects: int = 0  # reconnects of the source so far
     final: bool = False  # the source ended inside this window; the rest is padding
+    decode_errors: int = 0  # packets the source could not decode (skipped) while this window was read
     sample_rate: int = 16000
     fps: float = 2.0
 
@@ -68,72 +77,10 @@ class AVWindow:
     def gap(self) -> bool:
         return self.audio_gap or self.video_gap
 
-
-class _AudioLine:
-    """Audio on an absolute sample grid (index 0 = media time 0), consumed window by window."""
-
-    def __init__(self, tolerance: int) -> None:
-        self.tol = tolerance
-        self.chunks: deque[tuple[np.ndarray, bool]] = deque()  # (samples, flagged fill)
-        self.end = 0  # absolute index after the last buffered sample
-        self.dropped = 0  # overlapping samples dropped
-        self.started = False
-
-    def write(self, idx: int | None, x: np.ndarray) -> None:
-        self.started = True
-        if idx is None:  # no timestamps: assume contiguous
-            idx = self.end
-        d = idx - self.end
-        if d > 0:
-            self._fill(idx, flagged=d > self.tol)
-        elif d < 0:
-            cut = min(-d, len(x))
-            self.dropped += cut
-            x = x[cut:]
-        if len(x):
-            self.chunks.append((x, False))
-            self.end += len(x)
-
-    def fill_to(self, idx: int) -> None:
-        """Silence up to absolute index `idx` (the track stalled or ended)."""
-        if idx > self.end:
-            self._fill(idx, flagged=idx - self.end > self.tol)
-
-    def _fill(self, idx: int, flagged: bool) -> None:
-        self.chunks.append((np.zeros(idx - self.end, np.float32), flagged))
-        self.end = idx
-
-    def take(self, n: int) -> tuple[np.ndarray, int]:
-        """The next n samples and how many of them are flagged fill."""
-        parts, filled, need = [], 0, n
-        while need:
-            x, flag = self.chunks.popleft()
-            if len(x) > need:
-                self.chunks.appendleft((x[need:], flag))
-                x = x[:need]
-            parts.append(x)
-            filled += len(x) if flag else 0
-            need -= len(x)
-        return (parts[0] if len(parts) == 1 else np.concatenate(parts)), filled
-
-
-class _Held:
-    """A decoded frame kept until a sample instant needs it; converted to RGB at most once."""
-
-    __slots__ = ("t", "frame", "rgb")
-
-    def __init__(self, t: float, frame: av.VideoFrame | None) -> None:
-        self.t, self.frame, self.rgb = t, frame, None
-
-    def array(self, hw: tuple[int, int]) -> np.ndarray:
-        if self.rgb is None:
-            h, w = hw
-            if self.frame is None:
-                self.rgb = np.zeros((h, w, 3), np.uint8)
-            else:
-                self.rgb = self.frame.to_ndarray(format="rgb24", width=w, height=h)
-                self.frame = None  # release the decoder's buffer
-        return self.rgb
+    @property
+    def damaged(self) -> bool:
+        """Corrupt data was skipped here: what the window holds is what could be decoded."""
+        return self.decode_errors > 0
 
 
 class WindowAssembler:
@@ -143,7 +90,8 @@ class WindowAssembler:
                  has_video: bool, live: bool, options: SourceOptions,
                  size: tuple[int, int] | None = None, video_size: tuple[int, int] | None = None,
                  frame_duration: float | None = None, start_time: float | None = None,
-                 realtime: bool = False, unpaced_until_s: float = 0.0) -> None:
+                 realtime: bool = False, unpaced_until_s: float = 0.0,
+                 declared_end: float | None = None) -> None:
         self.window_s, self.fps, self.sr = float(window_s), float(fps), int(sample_rate)
         self.n_samples = _whole(window_s * sample_rate, "window_s * sample_rate")
         self.n_frames = _whole(window_s * fps, "window_s * fps")
@@ -153,6 +101,7 @@ class WindowAssembler:
         self.video_size = video_size
         self.frame_dur = frame_duration or 1.0 / self.fps
         self.start_time = start_time
+        self.declared_end = None if live else declared_end  # source time a file's container ends at
         self.realtime = realtime
         self.unpaced_until_s = float(unpaced_until_s)  # a resumed file fast-forwards to here unpaced
         self.index = 0  # next window to emit
@@ -170,11 +119,14 @@ class WindowAssembler:
         self._rebase: tuple[float, float] | None = None  # (media reached, wall time) at loss
         self._wall0: float | None = None
         self._last_event_wall = 0.0
+        self._held_ev: dict[str, AudioChunk | VideoChunk] = {}  # files: an off-line event awaiting the next
+        self._errors_seen = 0
+        self._err_windows: dict[int, int] = {}  # window index -> decode errors counted while reading it
         # tracks
-        self._audio = _AudioLine(int(round(options.audio_tolerance_s * self.sr)))
-        self._v_last: _Held | None = None
+        self._audio = AudioLine(int(round(options.audio_tolerance_s * self.sr)))
+        self._v_last: Held | None = None
         self._v_next = 0  # absolute index of the next unresolved sample instant
-        self._v_done: deque[tuple[_Held, bool]] = deque()  # resolved instants, not yet emitted
+        self._v_done: deque[tuple[Held, bool]] = deque()  # resolved instants, not yet emitted
         self._v_end = -math.inf  # media time of the latest frame
 
     # -- public ----------------------------------------------------------------------------
@@ -184,6 +136,35 @@ class WindowAssembler:
             self.reconnects = ev.count
             self._rebase = (self._progress(), self._last_event_wall)
             return
+        if self.live or not isinstance(ev, (AudioChunk, VideoChunk)):
+            yield from self._take(ev)
+            return
+        kind = "audio" if isinstance(ev, AudioChunk) else "video"
+        held = self._held_ev.pop(kind, None)
+        if held is not None:
+            if self._stray(kind, held, ev):
+                self._drop_stray(held)
+            else:
+                yield from self._take(held)
+        elif self._off_line(kind, ev.t):
+            self._held_ev[kind] = ev
+            return
+        yield from self._take(ev)
+
+    def note_errors(self, total: int) -> None:
+        """The source's count of skipped decoding errors so far: new ones belong to the window
+        being read now (the earliest track's position)."""
+        new, self._errors_seen = total - self._errors_seen, max(total, self._errors_seen)
+        if new > 0:
+            ends = []
+            if self.has_audio and self._audio.started:
+                ends.append(self._audio.end / self.sr)
+            if self.has_video and self._v_last is not None:
+                ends.append(self._v_end)
+            k = max(self.index, int(min(ends) // self.window_s) if ends else 0)
+            self._err_windows[k] = self._err_windows.get(k, 0) + new
+
+    def _take(self, ev: object) -> Iterator[AVWindow]:
         now = time.monotonic()
         if isinstance(ev, AudioChunk):
             if not self.has_audio:
@@ -211,6 +192,9 @@ class WindowAssembler:
 
     def finish(self) -> Iterator[AVWindow]:
         """The source ended: pad and emit what is left (the last window marked final)."""
+        for kind in ("audio", "video"):  # an event held at the very end: nothing refutes it
+            if kind in self._held_ev:
+                yield from self._take(self._held_ev.pop(kind))
         end = self._progress()
         if end == -math.inf:
             return
@@ -238,13 +222,37 @@ class WindowAssembler:
             self._jumps_seen = {k: len(self._jumps) for k in self._jumps_seen}
         last = self._last_raw[kind]
         if last is not None:
-            if raw < last[0] - self.o.jump_back_s or raw > last[1] + self.o.max_gap_s:
+            if raw < last[0] - self.o.jump_back_s or (raw > last[1] + self.o.max_gap_s and not self._inside(raw)):
                 self._jump(kind, raw, raw - last[1], now)
                 last = None
         # an out-of-order packet must not pull the expected time back
         self._last_raw[kind] = (raw, raw + dur) if last is None else (max(last[0], raw), max(last[1], raw + dur))
         self._last_wall[kind] = now
         return raw + self._offset[kind]
+
+    def _inside(self, raw: float) -> bool:
+        """A file's timestamp within its container's declared duration: a forward step to it
+        skipped damaged media, it is no clock jump."""
+        return self.declared_end is not None and raw <= self.declared_end + 1.0
+
+    def _off_line(self, kind: str, raw: float | None) -> bool:
+        """More than jump_back_s before or after where the track's last event ended."""
+        last = self._last_raw[kind]
+        return (raw is not None and last is not None
+                and (raw < last[0] - self.o.jump_back_s or raw > last[1] + self.o.jump_back_s))
+
+    def _stray(self, kind: str, held: AudioChunk | VideoChunk, ev: AudioChunk | VideoChunk) -> bool:
+        """`ev` goes on from the old line rather than from `held`: `held` was misplaced."""
+        last = self._last_raw[kind]
+        if ev.t is None or last is None or held.t is None:
+            return False
+        return abs(ev.t - last[1]) < abs(ev.t - held.t)
+
+    def _drop_stray(self, held: AudioChunk | VideoChunk) -> None:
+        if isinstance(held, VideoChunk):
+            self.dropped_frames += 1
+        else:
+            self._audio.dropped += len(held.samples)
 
     def _jump(self, kind: str, raw: float, d: float, now: float) -> None:
         """Rebase a clock jump; the other track reuses the same shift when it jumps alike."""
@@ -288,7 +296,7 @@ class WindowAssembler:
         if last is not None and t < last.t - _EPS:  # out of order after decoding: too late
             self.dropped_frames += 1
             return
-        h = _Held(t, frame)
+        h = Held(t, frame)
         while self._v_next / self.fps + _EPS < t:  # instants before this frame are settled
             s = self._v_next / self.fps
             if last is None:  # before the first frame: show it early, flagged unless just early
@@ -305,7 +313,7 @@ class WindowAssembler:
             s = self._v_next / self.fps
             held = self._v_last
             if held is None:
-                self._v_done.append((_Held(math.nan, None), True))
+                self._v_done.append((Held(math.nan, None), True))
             else:
                 self._v_done.append((held, s - held.t > self.o.video_gap_s))
             self._v_next += 1
@@ -368,7 +376,8 @@ class WindowAssembler:
             frame_times=times, frame_pts=pts, has_audio=self.has_audio, has_video=self.has_video,
             audio_gap=filled > 0, video_gap=vfilled > 0, audio_filled_s=filled / self.sr,
             video_filled=int(vfilled), discontinuity=k in self._disc_windows,
-            reconnects=self.reconnects, sample_rate=self.sr, fps=self.fps)
+            reconnects=self.reconnects, sample_rate=self.sr, fps=self.fps,
+            decode_errors=self._err_windows.pop(k, 0))
 
 
 def _whole(x: float, what: str) -> int:
@@ -408,13 +417,17 @@ def iter_windows(source: str | os.PathLike | Source, *, window_s: float = 2.0, f
             has_video=src.has_video, live=src.live, options=src.options,
             size=tuple(size) if size else None, video_size=src.video_size,
             frame_duration=src.frame_duration, start_time=src.start_time,
-            realtime=bool(realtime) and not src.live, unpaced_until_s=max(0, skip_windows) * window_s)
+            realtime=bool(realtime) and not src.live, unpaced_until_s=max(0, skip_windows) * window_s,
+            declared_end=src.declared_end())
         try:
             for ev in src.events():
+                asm.note_errors(src.decode_errors)
                 yield from (w for w in asm.push(ev) if w.index >= skip_windows)
         except SourceError:
+            asm.note_errors(src.decode_errors)
             yield from (w for w in asm.finish() if w.index >= skip_windows)
             raise
+        asm.note_errors(src.decode_errors)
         yield from (w for w in asm.finish() if w.index >= skip_windows)
     finally:
         if owned:
