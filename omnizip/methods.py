@@ -25,6 +25,7 @@ from . import compress as _offline
 from .audio import dominant_count
 from .compress import CompressedClip, WindowOutput, compress_windows
 from .config import OmniZipConfig
+from .spec import METHOD_NAMES
 from .ops import inverse_norm, top_k_mask, work_dtype
 from .stream import StreamCompressor, check_lookahead, check_same_stream
 from .validate import check_clip
@@ -252,6 +253,7 @@ METHODS: dict[str, type] = {
     "random": RandomKeep,
     "fixed_ratio": FixedRatio,
 }
+assert tuple(METHODS) == METHOD_NAMES, "omnizip.spec.METHOD_NAMES names the methods implemented here"
 
 
 def make_method(name: str, cfg: OmniZipConfig | None = None, *, lookahead: int | None = 0,

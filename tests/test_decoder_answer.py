@@ -4,6 +4,7 @@ whether the answer ended on a stop token, on its length, or was abandoned by its
 
 from __future__ import annotations
 
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -20,7 +21,11 @@ def model():
 
 
 def decoder(model, st: _Stream) -> SimpleNamespace:
-    return SimpleNamespace(_stream=lambda sid: st, model=model, metrics=get_metrics(), _start=DecoderActor._start)
+    d = SimpleNamespace(_stream=lambda sid: st, model=model, metrics=get_metrics(), _start=DecoderActor._start,
+                        cfg=SimpleNamespace(max_questions_per_stream=2), cond=threading.Condition())
+    d._admit_question = lambda sid, s: DecoderActor._admit_question(d, sid, s)
+    d._answer = lambda *a: DecoderActor._answer(d, *a)
+    return d
 
 
 @pytest.mark.parametrize("question, max_tokens", [("What happens?", 64), ("Describe it.", 3), ("short?", 1)])

@@ -325,3 +325,40 @@ def test_window_page_lists_without_payloads(make_store):
     assert s.window_page(i, 40, 5) == []
     with pytest.raises(ValueError, match="limit"):
         s.window_page(i, 0, 0)
+
+
+def test_a_window_carries_its_blobs_in_the_same_write_and_they_follow_retention(make_store):
+    s = make_store(Retention(max_windows=4, max_blob_windows=10))
+    i = s.create_stream({"source": "a"})["id"]
+    for k in range(40):
+        if k in (20, 21):  # a gap: the sweep still removes what the gap left behind
+            continue
+        add(s, i, k, blobs={"viz": b"v%d" % k, "b": b"w"}, state=b"s%d" % k)
+    assert [k for k in range(40) if s.get_blob(i, k, "viz") is not None] == [36, 37, 38, 39]
+    assert s.get_blob(i, 39, "b") == b"w" and s.load_state(i).data == b"s39"
+    assert add(s, i, 39, blobs={"viz": b"again"}) is False  # a retry changes nothing
+    assert s.get_blob(i, 39, "viz") == b"v39"
+    with pytest.raises(ValueError, match="kind"):
+        add(s, i, 40, blobs={"a:b": b"x"})
+    with pytest.raises(TypeError):
+        add(s, i, 40, blobs={"viz": "text"})
+    with pytest.raises(StreamNotFound):
+        add(s, "nosuchstream", 0, blobs={"viz": b"x"})
+
+
+def test_progress_notes_are_read_back_with_the_record(make_store):
+    s = make_store()
+    i = s.create_stream({"source": "a"})["id"]
+    s.note_progress(i, {"windows_total": 3})
+    assert s.get_stream(i)["progress"] == {"windows_total": 3}
+    s.note_progress(i, {"windows_total": 4})
+    assert [r["progress"] for r in s.list_streams() if r["id"] == i] == [{"windows_total": 4}]
+    s.update_stream(i, {"status": "ended", "progress": {"windows_total": 5}})  # the record's own wins
+    assert s.get_stream(i)["progress"] == {"windows_total": 5} and s.get_stream(i)["status"] == "ended"
+    s.update_stream(i, {"name": "x"})  # other changes keep the latest progress
+    assert s.get_stream(i)["progress"] == {"windows_total": 5}
+    s.delete_stream(i)
+    with pytest.raises(StreamNotFound):
+        s.note_progress(i, {"windows_total": 6})
+    with pytest.raises(StreamNotFound):
+        s.get_stream(i)

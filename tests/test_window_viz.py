@@ -98,15 +98,16 @@ def test_pngs_of_a_record_and_of_a_window_without_video() -> None:
     assert V.raw_side(SimpleNamespace(index=1), 2) is None  # anything unexpected: no picture, no error
 
 
-def test_store_viz_posts_the_record_and_returns_scalar_fields() -> None:
+def test_window_record_gives_the_fields_and_the_picture_stored_with_the_window() -> None:
     from pipeline.store.memory import MemoryStore
 
     s = MemoryStore()
     sid = s.create_stream({"source": "x"})["id"]
-    extra = V.store_viz(s, sid, encoded(), output(), V.raw_side(window(), 2), SimpleNamespace(start=10.0, end=12.0))
+    extra, picture = V.window_record(encoded(), output(), V.raw_side(window(), 2), SimpleNamespace(start=10.0, end=12.0))
     assert extra == {"video_ratio": 0.3333, "audio_gap": True, "video_gap": False, "discontinuity": False,
                      "final": False}
-    V.POSTER.join()
+    s.append_window(sid, 5, b"w", media_start=10.0, media_end=12.0, blobs={V.VIZ_KIND: picture})
     assert V.decode_record(s.get_blob(sid, 5, V.VIZ_KIND))["end"] == 12.0
-    assert V.store_viz(s, "gone", encoded(), output(), None, SimpleNamespace(start=0, end=2)) == {"video_ratio": 0.3333}
-    V.POSTER.join()  # the failure is logged, not raised
+    extra, picture = V.window_record(encoded(), output(), None, None)  # no timing: no picture, no error
+    assert extra == {"video_ratio": 0.3333} and picture is None
+

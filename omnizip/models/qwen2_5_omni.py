@@ -193,35 +193,45 @@ class Qwen25OmniAdapter:
         """One 2-s window (audio [32000] float, frames uint8 [4, H, W, 3]) through the stock encoders."""
         return self.encode_windows([(audio_16k, frames)], [index], sample_rate=sample_rate, offset=offset)[0]
 
-    def encode_windows(self, windows: Sequence[tuple[Audio, Frames | None]], indices: Sequence[int], *,
+    def encode_windows(self, windows: Sequence[tuple[Audio | None, Frames | None]], indices: Sequence[int], *,
                        sample_rate: int = SAMPLE_RATE, offset: int | None = None) -> list[EncodedWindow]:
         """Several windows (of one or many streams) in one batched call of each encoder.
 
-        A window without video (frames None, or [4, 0, 0, 3] as ingestion sends it) gets video [0, 0, D].
+        A window without video (frames None, or [4, 0, 0, 3] as ingestion sends it) gets video [0, 0, D];
+        one without audio (audio None: a video-only source) gets audio [0, D], so its video is
+        compressed at rho_video (SPEC 2.2: groups without audio).
         """
         if len(windows) != len(indices) or not windows:
             raise InputShapeError(f"need one index per window, got {len(windows)} windows, {len(indices)} indices")
-        mels, patches = [], []
+        mels, patches, heard = [], [], []
         for i, (audio, frames) in enumerate(windows):
-            mel = self.processor.mel_windows(audio, sample_rate)
-            if mel.shape[0] != 1:
-                raise InputShapeError(f"window {i}: expected 2 s of audio (32000 samples at 16 kHz), "
-                                      f"got {mel.shape[0] * 2} s")
+            if audio is not None:
+                mel = self.processor.mel_windows(audio, sample_rate)
+                if mel.shape[0] != 1:
+                    raise InputShapeError(f"window {i}: expected 2 s of audio (32000 samples at 16 kHz), "
+                                          f"got {mel.shape[0] * 2} s")
+                mels.append(mel)
+            heard.append(audio is not None)
             vp = None
             if frames is not None and not (frames.shape[1:3] == (0, 0) and frames.ndim == 4):
                 vp = self.processor.video_patches(frames)
                 if vp.grid_thw[0] * 2 != FRAMES_PER_WINDOW:
                     raise InputShapeError(f"window {i}: expected {FRAMES_PER_WINDOW} frames (2 s at 2 fps), "
                                           f"got {vp.grid_thw[0] * 2}")
-            mels.append(mel)
+            if audio is None and vp is None:
+                raise InputShapeError(f"window {i}: neither audio nor video")
             patches.append(vp)
-        mel = torch.cat(mels)  # [W, 128, 200]
-        audio_tokens, scores = self._audio(mel, torch.full((mel.shape[0],), MEL_FRAMES_PER_WINDOW))
+        if mels:
+            mel = torch.cat(mels)  # [W, 128, 200]
+            audio_tokens, scores = self._audio(mel, torch.full((mel.shape[0],), MEL_FRAMES_PER_WINDOW))
+        else:  # video only
+            audio_tokens = torch.zeros(0, self.hidden_size, device=self.device, dtype=self.dtype)
+            scores = torch.zeros(0)
         with_video = [p for p in patches if p is not None]
         video = (self._video(torch.cat([p.pixels for p in with_video]), [p.grid_thw for p in with_video])
                  if with_video else audio_tokens[:0])
         grids = [p.llm_grid_hw if p is not None else None for p in patches]
-        return self._split(audio_tokens, scores, video, grids, list(indices), offset)
+        return self._split(audio_tokens, scores, video, grids, list(indices), offset, heard)
 
     def encode_clip(self, audio_16k: Audio, frames: Frames, *, sample_rate: int = SAMPLE_RATE,
                     offset: int | None = None, features: str = "clip") -> list[EncodedWindow]:
@@ -264,12 +274,14 @@ class Qwen25OmniAdapter:
 
     def _split(self, audio: torch.Tensor, scores: torch.Tensor, video: torch.Tensor,
                grids: list[tuple[int, int] | None],
-               indices: list[int], offset: int | None) -> list[EncodedWindow]:
+               indices: list[int], offset: int | None, heard: list[bool] | None = None) -> list[EncodedWindow]:
         offset = self.mm_offset() if offset is None else int(offset)
         n = len(indices)
-        a_chunks, s_chunks = audio.split(50), scores.split(50)
-        if len(a_chunks) != n:
-            raise InputShapeError(f"audio encoder gave {audio.shape[0]} tokens for {n} windows (want 50 each)")
+        sizes = [50 if h else 0 for h in (heard or [True] * n)]  # heard: which windows have audio
+        if audio.shape[0] != sum(sizes) or len(sizes) != n:
+            raise InputShapeError(f"audio encoder gave {audio.shape[0]} tokens for {sum(s > 0 for s in sizes)} "
+                                  f"windows with audio (want 50 each)")
+        a_chunks, s_chunks = audio.split(sizes), scores.split(sizes)
         v_chunks = video.split([2 * g[0] * g[1] if g else 0 for g in grids])
         out = []
         for k, idx in enumerate(indices):
@@ -278,7 +290,7 @@ class Qwen25OmniAdapter:
             out.append(EncodedWindow(
                 index=int(idx), audio=a_chunks[k], audio_scores=s_chunks[k].float(),
                 video=v_chunks[k].reshape(frames, gh * gw, audio.shape[-1]), llm_grid_hw=(gh, gw), offset=offset,
-                position_ids=window_position_ids(int(idx), (gh, gw), n_frames=frames, n_audio=50, offset=offset)))
+                position_ids=window_position_ids(int(idx), (gh, gw), n_frames=frames, n_audio=sizes[k], offset=offset)))
         return out
 
     # ---- language model ---------------------------------------------------------------------------
@@ -299,7 +311,7 @@ class Qwen25OmniAdapter:
                                   "must be [n, D] / [3, n]")
         out = self.thinker.model.language_model(
             inputs_embeds=embeds[None].to(self.device, self.dtype), position_ids=position_ids[:, None].to(self.device),
-            past_key_values=cache, use_cache=cache is not None)
+            cache=cache, use_cache=cache is not None)
         if logits == "none":
             return None
         hidden = out.last_hidden_state[0]

@@ -9,7 +9,7 @@ Routes (README "HTTP API"):
   POST   /v1/streams/{id}/ask        answer a question (JSON, or SSE with "stream": true)
   POST   /v1/chat/completions        OpenAI-compatible; `model` = stream id or name
   GET    /v1/models[/{id}]           the streams, as OpenAI models
-  GET    /healthz                    200 when the engine answers and says it is ok, else 503
+  GET    /healthz                    200 when the engine answers and says it is ok, else 503 (details with a key)
   + per-window data and pictures, the source probe and the web console: pipeline.api.console
 
 The replica holds no model and no stream: it validates, forwards to the engine actor and turns
@@ -38,7 +38,7 @@ from ray import serve
 from pipeline.api.errors import ApiError, install_error_handlers, to_api_error
 from pipeline.api.gate import ApiGate, GateSettings, gate_settings, tenant
 from pipeline.api.console import ConsoleRoutes, install as install_console
-from pipeline.core.messages import AnswerEnd, AnswerStart
+from pipeline.core.messages import AnswerEnd, AnswerStart, QuestionRoute
 from pipeline.api.models import (
     AskRequest, AskResponse, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
     ChoiceMessage, ChunkChoice, CreateStreamRequest, DeleteResponse, Delta, ErrorResponse,
@@ -57,6 +57,7 @@ fastapi_app = FastAPI(
                422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
 )
 
+ROUTE_TTL_S = 10.0  # a question's route (stream, decoder) is reused this long per tenant
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -80,8 +81,8 @@ class _Answer:
     """An answer on its way from the engine: ``start`` (AnswerStart: the prompt's size), then
     ``pieces()`` (text, never half a character), then ``end`` (AnswerEnd) once they are read."""
 
-    def __init__(self, start: AnswerStart, gen: Any) -> None:
-        self.start, self._gen = start, gen
+    def __init__(self, stream_id: str, start: AnswerStart, gen: Any) -> None:
+        self.stream_id, self.start, self._gen = stream_id, start, gen
         self.end = AnswerEnd(0, "stop")
 
     async def pieces(self) -> AsyncIterator[str]:
@@ -135,6 +136,7 @@ class OmniZipAPI(ConsoleRoutes):
         self._config = _service_config(config)
         self._service = get_or_create_service(self._config)
         self._replica_id = _replica_id()
+        self._routes: dict[tuple[str, str, bool], tuple[float, QuestionRoute]] = {}  # (tenant, ref, by name) -> route
         self._service.register_replica.remote(self._replica_id)  # the engine lives while replicas use it
 
     async def check_health(self) -> None:
@@ -190,28 +192,62 @@ class OmniZipAPI(ConsoleRoutes):
         raise ApiError(400, f"{len(named)} streams are named {ref!r}; use one's id: "
                        f"{sorted(s['id'] for s in named)}", param="model")
 
-    async def _answer(self, stream_id: str, question: str | None, max_tokens: int, owner: str,
-                      messages: list[dict] | None = None) -> "_Answer":
-        """The engine's answer: its first event (the prompt's size) is awaited before this
-        returns, so an unknown stream is a 404 and not a broken event stream."""
-        gen = self._service.ask_events.options(num_returns="streaming").remote(
-            stream_id, question, max_tokens, owner=owner, messages=messages)
+    async def _route(self, ref: str, owner: str, by_name: bool) -> QuestionRoute:
+        """The engine's route for a question on ``ref`` (ownership checked, the decoder found),
+        kept ROUTE_TTL_S per tenant: a route is safe to reuse, since a decoder answers only for
+        the streams it holds (a deleted or moved stream is refused, and the route made again)."""
+        key = (owner, ref, by_name)
+        hit = self._routes.get(key)
+        if hit is not None and time.monotonic() - hit[0] < ROUTE_TTL_S:
+            return hit[1]
         try:
-            start = await (await gen.__anext__())
-        except StopAsyncIteration:
-            raise ApiError(500, "the engine ended the answer before it began", "internal_error") from None
-        except Exception as e:
-            raise to_api_error(e, stream_id) from e
-        return _Answer(start, gen)
+            route = await self._call("route", ref, owner, by_name, stream_id=ref)
+        except ApiError as e:
+            if by_name and e.status == 404:  # the OpenAI `model` names the stream
+                raise ApiError(404, f"no stream with id or name {ref!r}", "not_found", param="model") from None
+            raise
+        if len(self._routes) >= 4096:
+            self._routes.clear()
+        self._routes[key] = (time.monotonic(), route)
+        return route
+
+    async def _answer(self, ref: str, question: str | None, max_tokens: int, owner: str,
+                      messages: list[dict] | None = None, by_name: bool = False) -> "_Answer":
+        """The answer of the decoder that holds stream ``ref``'s context: the question is routed
+        once (pipeline.engine.service.route; reused a few seconds), then the pieces come straight
+        from the decoder. Its first event (the prompt's size) is awaited before this returns, so
+        an unknown stream is a 404 and not a broken event stream."""
+        for attempt in (0, 1):
+            route = await self._route(ref, owner, by_name)
+            gen = route.decoder.ask.options(num_returns="streaming").remote(
+                route.stream_id, question, max_tokens, messages)
+            try:
+                start = await (await gen.__anext__())
+            except StopAsyncIteration:
+                raise ApiError(500, "the engine ended the answer before it began", "internal_error") from None
+            except Exception as e:
+                self._routes.pop((owner, ref, by_name), None)
+                err = to_api_error(e, ref)
+                if attempt == 0 and err.status in (404, 503):  # a stale route: ask the engine again
+                    continue
+                raise err from e
+            return _Answer(route.stream_id, start, gen)
+        raise AssertionError("unreachable")
 
     # -- routes ---------------------------------------------------------------------------------
     @fastapi_app.get("/healthz", summary="Liveness of the HTTP app and the engine")
-    async def healthz(self) -> JSONResponse:
+    async def healthz(self, request: Request) -> JSONResponse:
+        """ok/degraded for anyone; the engine's details (names, workers, the stream count of all
+        tenants) only for a caller with a valid key: an open path tells a stranger nothing more."""
+        detailed = bool(tenant(request))
         try:
             health = await self._call("health")
         except ApiError as e:
-            return JSONResponse({"ok": False, "error": e.message}, status_code=503)
-        return JSONResponse(health, status_code=200 if health.get("ok") else 503)
+            return JSONResponse({"ok": False, "degraded": True, **({"error": e.message} if detailed else {})},
+                                status_code=503)
+        ok = bool(health.get("ok"))
+        body = health if detailed else {"ok": ok, "degraded": bool(health.get("degraded"))}
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @fastapi_app.post("/v1/streams", status_code=201, response_model=StreamStatus,
                       response_model_exclude_none=False, summary="Start watching a source")
@@ -236,16 +272,14 @@ class OmniZipAPI(ConsoleRoutes):
     @fastapi_app.post("/v1/streams/{stream_id}/ask", response_model=AskResponse,
                       summary="Ask about what the stream has shown so far")
     async def ask(self, stream_id: str, body: AskRequest, request: Request) -> Any:
-        owner = tenant(request)
-        status = await self._call("get_stream", stream_id, stream_id=stream_id, owner=owner)
-        answer = await self._answer(stream_id, body.question, body.max_tokens, owner)
+        answer = await self._answer(stream_id, body.question, body.max_tokens, tenant(request))
 
         def summary(text: str) -> AskResponse:
             return AskResponse(stream_id=stream_id, question=body.question, answer=text,
                                completion_tokens=answer.end.completion_tokens,
                                finish_reason=answer.end.finish_reason,
                                context_tokens=answer.start.context_tokens,
-                               windows=int(status.get("windows", 0)))
+                               windows=answer.start.windows)
 
         if not body.stream:
             return summary("".join([p async for p in answer.pieces()]))
@@ -265,13 +299,11 @@ class OmniZipAPI(ConsoleRoutes):
 
     @fastapi_app.post("/v1/chat/completions", summary="OpenAI-compatible chat; `model` names the stream")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Any:
-        owner = tenant(request)
-        stream = await self._resolve(body.model, owner)
-        sid, max_tokens = stream["id"], body.answer_budget()
         # The conversation (system messages and earlier turns) is folded into the question by the
         # model's own rules; usage counts the stream's cached context plus that question.
-        answer = await self._answer(sid, None, max_tokens, owner,
-                                    messages=[m.model_dump(exclude_none=True) for m in body.messages])
+        answer = await self._answer(body.model, None, body.answer_budget(), tenant(request),
+                                    messages=[m.model_dump(exclude_none=True) for m in body.messages], by_name=True)
+        sid = answer.stream_id
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         if not body.stream:

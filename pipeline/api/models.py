@@ -11,27 +11,21 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pipeline.core.records import OmniZipSettings, StreamSpec
+from pipeline.core.messages import MAX_ANSWER_TOKENS
+from pipeline.core.records import OmniZipSettings, StreamSpec, Strict
 from pipeline.sources.options import HttpSourceOptions
 
 __all__ = [
     "OmniZipSettings", "CreateStreamRequest", "StreamStatus",
     "StreamList", "DeleteResponse", "AskRequest", "AskResponse", "ChatMessage",
     "ChatCompletionRequest", "ChatCompletion", "ChatCompletionChunk", "Usage", "ModelCard",
-    "ModelList", "Health", "ErrorBody", "ErrorResponse", "MAX_ANSWER_TOKENS", "MAX_QUESTION_CHARS",
+    "ModelList", "ErrorBody", "ErrorResponse", "MAX_ANSWER_TOKENS", "MAX_QUESTION_CHARS",
 ]
 
 #: Upper bound on one answer's length: a question must not hold a decoder for minutes.
-MAX_ANSWER_TOKENS = 1024
 #: Upper bound on a question's length in characters: /ask's question, or all of a chat's messages.
 MAX_QUESTION_CHARS = 8192
 MAX_CHAT_MESSAGES = 256
-
-
-class _Strict(BaseModel):
-    """Refuse unknown fields: a typo in a setting must not be silently ignored."""
-
-    model_config = ConfigDict(extra="forbid")
 
 
 class CreateStreamRequest(StreamSpec):
@@ -83,7 +77,7 @@ class DeleteResponse(BaseModel):
     deleted: bool
 
 
-class AskRequest(_Strict):
+class AskRequest(Strict):
     """``POST /v1/streams/{id}/ask``."""
 
     question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS)
@@ -234,12 +228,6 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-class Health(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    ok: bool
-    streams: int = 0
 
 
 class ErrorBody(BaseModel):

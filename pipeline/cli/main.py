@@ -36,6 +36,7 @@ from typing import Any
 from pipeline.cli.checks import (METHOD_NAMES, check_dtype, check_model, check_output, check_port_free,
                                  check_ray_address, check_source, check_store_url, check_stream_options,
                                  parse_ray_address)
+from pipeline.core.messages import MAX_ANSWER_TOKENS
 from pipeline.cli.settings import LOG_LEVEL_ENV, LOG_LEVELS, load_settings
 from pipeline.cli.checks import SettingsError
 
@@ -252,8 +253,8 @@ def cmd_run(args: argparse.Namespace, s: Any) -> int:
     check_store_url(s.redis_url)
     if args.duration is not None and not args.duration > 0:
         raise SettingsError(f"--duration: must be > 0 seconds, got {args.duration}")
-    if not 1 <= args.max_tokens <= 4096:
-        raise SettingsError(f"--max-tokens: must be in [1, 4096], got {args.max_tokens}")
+    if not 1 <= args.max_tokens <= MAX_ANSWER_TOKENS:
+        raise SettingsError(f"--max-tokens: must be in [1, {MAX_ANSWER_TOKENS}], got {args.max_tokens}")
     live = bool(spec_kind.live)
     spec = check_stream_options({
         "source": args.source, "method": args.method, "omnizip": _oz(args), "context_tokens": args.context_tokens,

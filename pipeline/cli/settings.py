@@ -30,7 +30,8 @@ __all__ = ["Settings", "SettingsError", "load_settings", "LOG_LEVELS", "ENGINE_F
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_LEVEL_ENV = "OMNIZIP_LOG_LEVEL"
 ENGINE_FIELDS = tuple(f.name for f in dataclasses.fields(ServiceConfig))
-GATE_FIELDS = ("api_keys", "insecure", "max_body_bytes", "requests_per_s", "request_burst")
+GATE_FIELDS = ("api_keys", "insecure", "max_body_bytes", "requests_per_s", "request_burst", "max_open_per_client",
+               "body_timeout_s")
 
 
 class _Base(BaseSettings):
@@ -45,6 +46,8 @@ class _Base(BaseSettings):
     max_body_bytes: int = Field(1 << 20, ge=1024)
     requests_per_s: float = Field(20.0, gt=0)
     request_burst: int = Field(40, ge=1)
+    max_open_per_client: int = Field(16, ge=1)
+    body_timeout_s: float = Field(10.0, gt=0, le=3600)
     # the command line
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)

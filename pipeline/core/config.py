@@ -50,23 +50,35 @@ class ServiceConfig:
     max_streams_per_key: int = 16  # running streams of one API key (tenant)
     max_context_tokens: int = 32768  # a stream's context budget at most (the model's position range)
     max_questions_per_stream: int = 2  # questions answered or waiting on one stream; more get 429
+    max_probes: int = 8  # source probes running at once in all (their own threads); more get 429
+    max_probes_per_key: int = 2  # source probes running at once for one API key; more get 429
     store_buffer_windows: int = 32  # per stream, windows waiting for an unreachable store (64 s)
+    decoder_memory_bytes: int | None = None  # context memory one decoder admits (KV of its streams'
+    #   budgets); None: a quarter of its node's memory, or 60 % of its GPU's left after the model
+    rebuild_attempts: int = 3  # a stream whose context rebuild killed its decoder this often in 10 min fails
     # --- what a source may be (pipeline.sources.policy; comma lists as in OMNIZIP_ALLOW_SOURCES) ---
     allow_sources: str = ""  # file, lavfi, device, loopback: each off unless named; "*": anything (operator CLI)
     file_roots: str = ""  # directories file sources must lie in
-    source_hosts: str = ""  # host names or CIDRs network sources must match (empty: any public host)
+    source_hosts: str = ""  # host names or CIDRs network sources must match (empty: any public host);
+    #   private/CGNAT/unique-local addresses pass only inside a CIDR named here (camera subnets)
     tls_verify: bool = True  # certificate checks of https fetched under the policy
+    rtsp_udp: bool = False  # a client may ask for RTSP over UDP (off: TCP interleaved only)
 
     def __post_init__(self) -> None:
         for name in ("encoder_workers", "decoder_actors", "max_batch", "queue_windows", "context_tokens",
                      "max_streams", "max_streams_per_key", "max_context_tokens", "max_questions_per_stream",
-                     "store_buffer_windows", "streams_per_worker"):
+                     "store_buffer_windows", "streams_per_worker", "max_probes", "max_probes_per_key",
+                     "rebuild_attempts"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"ServiceConfig.{name} must be an integer >= 1, got {v!r}")
         if self.behind_policy not in BEHIND_POLICIES:
             raise ValueError(f"ServiceConfig.behind_policy must be one of {list(BEHIND_POLICIES)}, "
                              f"got {self.behind_policy!r}")
+        if self.decoder_memory_bytes is not None and (isinstance(self.decoder_memory_bytes, bool) or not
+                                                      isinstance(self.decoder_memory_bytes, int) or self.decoder_memory_bytes < 1):
+            raise ValueError(f"ServiceConfig.decoder_memory_bytes must be an integer >= 1 or None, "
+                             f"got {self.decoder_memory_bytes!r}")
         for name, low in (("max_encoder_workers", self.encoder_workers), ("max_decoder_actors", self.decoder_actors)):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
@@ -100,7 +112,7 @@ class ServiceConfig:
                 elif isinstance(default, bool):
                     kw[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
                 elif isinstance(default, int) or f.name in ("retention_windows", "torch_threads", "max_encoder_workers",
-                                                             "max_decoder_actors"):
+                                                             "max_decoder_actors", "decoder_memory_bytes"):
                     kw[f.name] = int(raw)
                 elif isinstance(default, float) or f.name == "retention_s":
                     kw[f.name] = float(raw)
@@ -157,7 +169,8 @@ class ServiceConfig:
         return SourcePolicy.from_env({"OMNIZIP_ALLOW_SOURCES": self.allow_sources,
                                       "OMNIZIP_FILE_ROOTS": self.file_roots,
                                       "OMNIZIP_SOURCE_HOSTS": self.source_hosts,
-                                      "OMNIZIP_TLS_VERIFY": "1" if self.tls_verify else "0"})
+                                      "OMNIZIP_TLS_VERIFY": "1" if self.tls_verify else "0",
+                                      "OMNIZIP_RTSP_UDP": "1" if self.rtsp_udp else "0"})
 
     def queue_policy(self, stage: str) -> QueuePolicy:
         """The bounded-queue policy of a stage: the encoder counts a half-full queue as behind and

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["AnswerEnd", "AnswerStart", "CompressedItem", "RawWindow", "SubmitReply", "Timing", "lag_of"]
+if TYPE_CHECKING:
+    from pipeline.sources.windows import AVWindow
+
+__all__ = ["AnswerEnd", "AnswerStart", "CompressedItem", "MAX_ANSWER_TOKENS", "QuestionRoute", "RawWindow", "SubmitReply",
+           "Timing", "check_question", "lag_of"]
 
 
 def lag_of(t0: float | None, end: float, now: float | None = None) -> float | None:
@@ -40,7 +44,7 @@ class RawWindow:
     """One decoded 2-s window (pipeline.sources.windows.AVWindow) on its way to its encoder worker."""
 
     stream_id: str
-    window: Any  # pipeline.sources.windows.AVWindow
+    window: AVWindow
     t0: float | None
     arrived: float  # wall time it left ingestion
     backpressure: bool = False  # a file that can wait: never dropped, ingestion waits instead
@@ -72,13 +76,37 @@ class CompressedItem:
         return self.timing.lag(now)
 
 
+#: the most tokens one answer may have: the API's bound and the decoder's, one number
+MAX_ANSWER_TOKENS = 1024
+
+
+def check_question(question: str | None, messages: list | None, max_tokens: int) -> None:
+    """The one check of a question every road shares (HTTP, the CLI, the engine's own callers):
+    ValueError naming the field. The HTTP models bound the same fields with the same numbers."""
+    if messages is None and (not isinstance(question, str) or not question.strip()):
+        raise ValueError("question: must be a non-empty string")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_ANSWER_TOKENS:
+        raise ValueError(f"max_tokens: must be an integer in [1, {MAX_ANSWER_TOKENS}], got {max_tokens!r}")
+
+
+@dataclass(frozen=True)
+class QuestionRoute:
+    """Where a question goes, found once by the engine: the stream (ownership checked, by id or
+    by name) and the handle of the decoder that holds its context, which the caller then asks
+    directly so the answer's pieces come straight from the decoder."""
+
+    stream_id: str
+    decoder: Any  # the DecoderActor's handle
+
+
 @dataclass(frozen=True)
 class AnswerStart:
     """First event of an answer: the prompt it is read from (the stream's cached context and
-    the question's own tokens), for OpenAI's ``usage``."""
+    the question's own tokens, for OpenAI's ``usage``) and the windows in that context."""
 
     context_tokens: int
     question_tokens: int
+    windows: int = 0
 
 
 @dataclass(frozen=True)

@@ -10,21 +10,63 @@ service the same checks as a ``ValueError`` naming the field. OmniZip settings a
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, ValidationError, create_model, field_validator,
+                      model_validator)
 
-__all__ = ["OmniZipSettings", "StreamRecord", "StreamSettings", "StreamSpec", "validation_message",
-           "DEFAULT_METHOD", "MIN_CONTEXT_TOKENS"]
+from omnizip.config import OmniZipConfig
+from omnizip.spec import METHOD_NAMES, MethodSpec
+
+from pipeline.redact import has_control_chars
+
+__all__ = ["OmniZipSettings", "Strict", "StreamRecord", "StreamSettings", "StreamSpec", "validation_message",
+           "DEFAULT_METHOD", "MIN_CONTEXT_TOKENS", "smallest_context_tokens", "window_token_bound"]
 
 DEFAULT_METHOD = "omnizip"
 MIN_CONTEXT_TOKENS = 128
 MAX_CONTEXT_TOKENS = 1 << 20  # a hard ceiling; the engine's own (the model's range) is lower
 PATCH_PX = 28  # the vision tower's merged patch: frame sides are multiples of it
 MAX_SIDE_PX = 4096
-_CONTROL = {chr(c) for c in range(0x20)} | {"\x7f"}
+
+# One window's tokens before compression, without the model (an upper bound; every preset and a
+# Qwen2.5-Omni checkpoint share these): 2 s of audio are 50 tokens; 4 frames (2 s at 2 fps) are 2
+# temporal groups of (H/28) x (W/28) tokens, the frame scaled into [128, 768] x 28 x 28 pixels.
+AUDIO_TOKENS_PER_WINDOW = 50
+FRAME_GROUPS_PER_WINDOW = 2
+MAX_TOKENS_PER_GROUP = 768  # Qwen's video max_pixels, 768 x 28 x 28 per frame: any larger frame is scaled down
+MIN_TOKENS_PER_GROUP = 128  # the largest min_pixels of the presets: a smaller frame is scaled up
+# the system prompt's tokens: a byte-level BPE never makes more tokens than bytes, plus the chat
+# markers around it; the default prompt (omnizip.models.processor) is 166 bytes
+PROMPT_MARKER_TOKENS = 16
+DEFAULT_PROMPT_TOKENS = 192
+
+
+def window_token_bound(size: tuple[int, int] | None) -> int:
+    """At most how many tokens one window of a stream takes in the context, whatever the
+    compression keeps: its tokens before compression, for frames of ``size`` ([H, W], multiples
+    of 28) or, unset, for the largest frame the model takes."""
+    per_group = MAX_TOKENS_PER_GROUP
+    if size is not None:
+        h, w = (max(PATCH_PX, int(x)) for x in size)
+        grid = (h // PATCH_PX) * (w // PATCH_PX)
+        if grid < MIN_TOKENS_PER_GROUP:  # scaled up, aspect kept, sides rounded up to 28 px
+            beta = math.sqrt(MIN_TOKENS_PER_GROUP / grid)
+            grid = math.ceil(h * beta / PATCH_PX) * math.ceil(w * beta / PATCH_PX)
+        per_group = min(MAX_TOKENS_PER_GROUP, grid)
+    return AUDIO_TOKENS_PER_WINDOW + FRAME_GROUPS_PER_WINDOW * per_group
+
+
+def smallest_context_tokens(size: tuple[int, int] | None, system_prompt: str | None = None) -> int:
+    """The smallest context budget that surely holds one window of a stream of frame ``size``
+    after the system prompt (``None``: the model's default prompt). A smaller one accepts the
+    stream and then holds none of it (every window is too big for the context)."""
+    prompt = DEFAULT_PROMPT_TOKENS if system_prompt is None else \
+        len(system_prompt.encode("utf-8")) + PROMPT_MARKER_TOKENS
+    return prompt + window_token_bound(size) + 1
 
 
 def validation_message(exc: ValidationError) -> str:
@@ -36,38 +78,24 @@ def validation_message(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
     """Unknown fields are refused: a typo in a setting must not be silently ignored."""
 
     model_config = ConfigDict(extra="forbid")
 
 
-class OmniZipSettings(_Strict):
-    """OmniZipConfig fields, all optional (unset ones keep the defaults); each is checked by
-    OmniZipConfig's own rule, so a 422 names ``omnizip.<field>``."""
-
-    rho_audio: float | None = None
-    rho_video: float | None = None
-    contextual_ratio: float | None = None
-    g: int | None = None
-    min_ratio: float | None = None
-    max_ratio: float | None = None
-    knn_k: int | None = None
-    stream_history_windows: int | None = None
+class _OmniZipSettingsRules(Strict):
+    """OmniZipConfig's own rules over the fields that were set (the fields come from it below)."""
 
     @field_validator("*")
     @classmethod
     def _field_rule(cls, v: Any, info: Any) -> Any:
-        from omnizip.config import OmniZipConfig
-
         if v is not None:
             OmniZipConfig.check_field(info.field_name, v)
         return v
 
     @model_validator(mode="after")
-    def _whole(self) -> "OmniZipSettings":
-        from omnizip.config import OmniZipConfig
-
+    def _whole(self) -> "_OmniZipSettingsRules":
         OmniZipConfig.from_dict(self.to_config())  # what spans fields (min_ratio <= max_ratio)
         return self
 
@@ -76,7 +104,15 @@ class OmniZipSettings(_Strict):
         return self.model_dump(exclude_none=True)
 
 
-class StreamSpec(_Strict):
+#: OmniZipConfig's fields, all optional (unset ones keep the defaults), made from the dataclass
+#: itself (never a hand-written copy); each is checked by OmniZipConfig's own rule, so a 422
+#: names ``omnizip.<field>``.
+OmniZipSettings = create_model(
+    "OmniZipSettings", __base__=_OmniZipSettingsRules, __module__=__name__,
+    **{f.name: (get_type_hints(OmniZipConfig)[f.name] | None, None) for f in dataclasses.fields(OmniZipConfig)})
+
+
+class StreamSpec(Strict):
     """What a client asks for when it starts a stream."""
 
     source: str = Field(min_length=1, max_length=4096,
@@ -98,7 +134,7 @@ class StreamSpec(_Strict):
     @field_validator("source")
     @classmethod
     def _clean_source(cls, v: str) -> str:
-        if any(c in _CONTROL for c in v):
+        if has_control_chars(v):
             raise ValueError("must not contain control characters")
         if not v.strip():
             raise ValueError("must not be blank")
@@ -123,10 +159,8 @@ class StreamSpec(_Strict):
     @field_validator("method")
     @classmethod
     def _known_method(cls, v: str) -> str:
-        from omnizip.methods import METHODS
-
-        if v not in METHODS:
-            raise ValueError(f"unknown method {v!r}; known: {sorted(METHODS)}")
+        if v not in METHOD_NAMES:
+            raise ValueError(f"unknown method {v!r}; known: {sorted(METHOD_NAMES)}")
         return v
 
     @classmethod
@@ -153,11 +187,13 @@ class StreamSettings:
     method: str = DEFAULT_METHOD
     lookahead: int = 0
 
-    def config(self) -> Any:
+    def config(self) -> OmniZipConfig:
         """The stream's OmniZipConfig."""
-        from omnizip.config import OmniZipConfig
-
         return OmniZipConfig.from_dict(self.omnizip)
+
+    def method_spec(self) -> MethodSpec:
+        """The stream's compression method as data (``.build()`` makes it)."""
+        return MethodSpec(self.method, self.config(), self.lookahead)
 
 
 @dataclass
@@ -184,8 +220,6 @@ class StreamRecord:
     @classmethod
     def from_spec(cls, spec: StreamSpec, default_context_tokens: int, *, worker: int = 0, decoder: int = 0,
                   stream_id: str = "", owner: str = "") -> "StreamRecord":
-        from omnizip.config import OmniZipConfig
-
         oz = OmniZipConfig.from_dict(spec.omnizip.to_config() if spec.omnizip else {})
         settings = StreamSettings(oz.to_dict(), spec.context_tokens or default_context_tokens, spec.method,
                                   spec.lookahead)

@@ -12,24 +12,32 @@ one decoder that holds a stream's context.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
 from pipeline.core.config import ServiceConfig
-from pipeline.core.messages import AnswerEnd, AnswerStart, CompressedItem, Timing, lag_of
+from pipeline.core.messages import AnswerEnd, AnswerStart, CompressedItem, Timing, check_question, lag_of
 from pipeline.metrics import get_metrics
-from pipeline.core.queues import Added, StreamQueues
+from pipeline.core.queues import Added, StreamQueues, Taken
+from pipeline.core.stage import StageCore
 from pipeline.core.records import StreamRecord
-from pipeline.engine.runtime import StoreRef, resolve_device, use_threads
+from pipeline.engine.memory import default_memory_bytes, dtype_bytes, text_kv_bytes_per_token
+from pipeline.engine.rebuild import FAILED_KEY, RebuildGuard, RebuildRefused, rebuild_from_store
+from pipeline.engine.runtime import NAMESPACE, ActorNames, StoreRef, resolve_device, use_threads
 from pipeline.core.stats import DecoderStats
+from pipeline.errors import LimitExceeded
 from pipeline.store.contract import StreamNotFound
+
+if TYPE_CHECKING:
+    from omnizip.models.rolling import RollingContext
 
 __all__ = ["DecoderActor"]
 
@@ -40,7 +48,7 @@ log = logging.getLogger(__name__)
 class _Stream:
     """A stream's rolling context inside a decoder."""
 
-    ctx: Any  # omnizip.models.rolling.RollingContext
+    ctx: RollingContext
     lock: threading.Lock = field(default_factory=threading.Lock)
     last: int = -1  # newest window index in the context
     received: int = -1
@@ -49,6 +57,7 @@ class _Stream:
     skipped: set = field(default_factory=set)  # dropped here: not to be read back from the store
     saved_drops: dict = field(default_factory=dict)  # the drop counts last written to the record
     latencies: deque = field(default_factory=lambda: deque(maxlen=2048))
+    asking: int = 0  # questions answered or waiting on this stream
 
 
 class DecoderActor:
@@ -70,8 +79,15 @@ class DecoderActor:
         self.streams: dict[str, _Stream] = {}
         self.cond = threading.Condition()
         self.rebuilds = 0
+        self.guard = RebuildGuard(config.rebuild_attempts)
+        # what its contexts may take, and what one token of context takes (admission: pipeline.core.pool)
+        self.kv_per_token = text_kv_bytes_per_token(self.model.text_config, dtype_bytes(self.model.dtype, self.device))
+        self.memory_bytes = config.decoder_memory_bytes or default_memory_bytes(self.device)
         self._init_lock = threading.Lock()
-        threading.Thread(target=self._loop, name=f"{name}-loop", daemon=True).start()
+        # take -> run -> update (pipeline.core.stage), one window at a time; drop counts saved after each step
+        self.core: StageCore[CompressedItem] = StageCore(name, self.queues, self.cond, 1, self._run,
+                                                         after=self._save_drops, gauge=self._gauge)
+        threading.Thread(target=self.core.run_forever, name=f"{name}-loop", daemon=True).start()
 
     # -- streams --
     def _stream(self, sid: str) -> _Stream:
@@ -83,30 +99,18 @@ class DecoderActor:
                 return st
             if self.queues.was_forgotten(sid):
                 raise StreamNotFound(f"no stream {sid!r}")
-            from omnizip.models import CompressedWindow
             from omnizip.models.rolling import RollingContext
 
             rec = StreamRecord.from_dict(self.store.get_stream(sid))
             if rec.decoder != self.index:  # a late push or question for a stream moved elsewhere
                 raise StreamNotFound(f"stream {sid!r} is held by decoder {rec.decoder}, not {self.index}")
+            if rec.extra.get(FAILED_KEY):  # its context failed for good: never rebuilt again
+                raise RebuildRefused(str(rec.extra[FAILED_KEY]))
             ctx = RollingContext(self.model, budget_tokens=rec.settings.context_tokens,
                                  system_prompt=self.cfg.system_prompt)
             st = _Stream(ctx)
-            stored = self.store.windows(sid)
-            if stored:
-                t = time.perf_counter()
-                ctx.rebuild([CompressedWindow.from_bytes(w.payload) for w in stored])
-                self.metrics.observe_stage("prefill", time.perf_counter() - t)
-                st.last = st.received = stored[-1].index
-                st.timing = Timing(stored[-1].media_start, stored[-1].media_end, stored[-1].fields.get("t0"))
-                self.rebuilds += 1
-                moved = rec.extra.get("moved_decoder") == self.index  # the engine moved it here: not a fault
-                self.metrics.reconnect("move" if moved else "actor", sid)
-                if moved:
-                    try:
-                        self.store.update_stream(sid, {"moved_decoder": None})
-                    except Exception:  # informative only
-                        pass
+            if self.store.last_window_index(sid) is not None:
+                self._rebuild(sid, rec, st)
             with self.cond:
                 self.queues.open(sid, st.last)
                 self.queues.restore_drops(sid, rec.extra.get("decoder_drops") or {})
@@ -115,6 +119,42 @@ class DecoderActor:
             self.streams[sid] = st
             return st
 
+    def _rebuild(self, sid: str, rec: StreamRecord, st: _Stream) -> None:
+        """Stream the stored windows into the new context (pipeline.engine.rebuild), the attempt
+        recorded first: a stream whose rebuilds keep killing this decoder is failed instead."""
+        try:
+            self.guard.begin(self.store, sid, rec.extra)
+        except RebuildRefused:
+            self._stop_ingest(sid)
+            raise
+        t = time.perf_counter()
+        try:
+            newest = rebuild_from_store(st.ctx, self.store, sid)
+        except BaseException as exc:
+            self.guard.end(self.store, sid, exc)
+            raise
+        self.guard.end(self.store, sid)
+        self.metrics.observe_stage("prefill", time.perf_counter() - t)
+        if newest is None:
+            return
+        st.last = st.received = newest.index
+        st.timing = Timing(newest.media_start, newest.media_end, newest.fields.get("t0"))
+        self.rebuilds += 1
+        moved = rec.extra.get("moved_decoder") == self.index  # the engine moved it here: not a fault
+        self.metrics.reconnect("move" if moved else "actor", sid)
+        if moved:
+            try:
+                self.store.update_stream(sid, {"moved_decoder": None})
+            except Exception:  # informative only
+                pass
+
+    def _stop_ingest(self, sid: str) -> None:
+        """A failed stream takes no more windows: its ingest actor stops (best effort)."""
+        try:
+            ray.get_actor(ActorNames.of(self.cfg).ingest(sid), namespace=NAMESPACE).stop.remote()
+        except Exception:  # gone already, or another engine's
+            pass
+
     def _on_drop(self, sid: str, index: int, reason: str) -> None:
         st = self.streams.get(sid)
         if st is not None:
@@ -122,19 +162,21 @@ class DecoderActor:
         self.metrics.drop_window(sid, reason)
 
     @ray.method(concurrency_group="intake", max_task_retries=-1)
-    def push(self, item: CompressedItem) -> bool:
-        """Queue a compressed window under the decoder's queue policy."""
+    def push(self, item: CompressedItem) -> int:
+        """Queue a compressed window under the decoder's queue policy. The reply is the stream's
+        backlog here after it (-1: the stream is unknown here), so the encoder learns it from the
+        replies it gets anyway instead of asking before each window of a backpressure stream."""
         try:
             st = self._stream(item.stream_id)
         except StreamNotFound:
-            return False
+            return -1
         with self.cond:
             added = self.queues.add(item)
             if added == Added.OK:
                 st.received = max(st.received, item.index)
             self._gauge()
             self.cond.notify()
-        return added != Added.UNKNOWN
+            return -1 if added == Added.UNKNOWN else self.queues.backlog(item.stream_id)
 
     @ray.method(concurrency_group="intake")
     def backlog(self, stream_id: str) -> int:
@@ -144,28 +186,19 @@ class DecoderActor:
             return self.queues.backlog(stream_id)
 
     # -- the loop: take -> run -> emit --
-    def _loop(self) -> None:
-        while True:
-            with self.cond:
-                while not self.queues.has_work():
-                    self.cond.wait(0.5)
-                taken = self.queues.take(1, time.time())
-                self._gauge()
-            for t in taken:
-                item = t.window
-                st = self.streams.get(item.stream_id)
-                try:
-                    if st is not None:
-                        with st.lock:
-                            self._append(item.stream_id, st, item)
-                except Exception:
-                    log.exception("%s: stream %s window %d not appended", self.name, item.stream_id, item.index)
-                    with self.cond:
-                        self.queues.drop(item.stream_id, item.index, "error")
-                finally:
-                    with self.cond:
-                        self.queues.finish(item.stream_id)
-            self._save_drops()
+    def _run(self, taken: list[Taken[CompressedItem]]) -> None:
+        """Append each taken window to its stream's context (a failure drops that window only)."""
+        for t in taken:
+            item = t.window
+            st = self.streams.get(item.stream_id)
+            try:
+                if st is not None:
+                    with st.lock:
+                        self._append(item.stream_id, st, item)
+            except Exception:
+                log.exception("%s: stream %s window %d not appended", self.name, item.stream_id, item.index)
+                with self.cond:
+                    self.queues.drop(item.stream_id, item.index, "error")
 
     def _save_drops(self) -> None:
         """Drop counts go to the stream's record, so a restarted decoder continues them."""
@@ -219,9 +252,31 @@ class DecoderActor:
         question is ``question`` or the chat ``messages`` folded by the model's own rules."""
         from omnizip.models import IncrementalDetokenizer
 
+        check_question(question, messages, max_tokens)
         st = self._stream(stream_id)
+        with self._admit_question(stream_id, st):
+            yield from self._answer(st, question, max_tokens, messages, IncrementalDetokenizer(self.model.processor))
+
+    @contextlib.contextmanager
+    def _admit_question(self, stream_id: str, st: _Stream) -> Iterator[None]:
+        """At most ``max_questions_per_stream`` questions answered or waiting on one stream; more
+        get LimitExceeded (429), so a short question never queues behind an unbounded line of
+        long answers. Counted here, where every question of the stream passes."""
+        limit = self.cfg.max_questions_per_stream
+        with self.cond:
+            if st.asking >= limit:
+                raise LimitExceeded(f"{limit} questions are already being answered on this stream; try again "
+                                    "when one is done", "question", 2)
+            st.asking += 1
+        try:
+            yield
+        finally:
+            with self.cond:
+                st.asking -= 1
+
+    def _answer(self, st: _Stream, question: str | None, max_tokens: int, messages: list[dict] | None,
+                detok: Any) -> Iterator[AnswerStart | str | AnswerEnd]:
         stop_ids = self.model.stop_ids
-        detok = IncrementalDetokenizer(self.model.processor)
         t0 = time.perf_counter()
         ttft, n, reason = None, 0, "length"
         with st.lock:
@@ -252,7 +307,9 @@ class DecoderActor:
     @staticmethod
     def _start(st: _Stream) -> AnswerStart:
         p = st.ctx.last_prompt_tokens
-        return AnswerStart(int(p.context), int(p.question)) if p is not None else AnswerStart(st.ctx.n_tokens, 0)
+        windows = len(st.ctx.spans)
+        return (AnswerStart(int(p.context), int(p.question), windows) if p is not None
+                else AnswerStart(st.ctx.n_tokens, 0, windows))
 
     # -- control --
     def forget(self, stream_id: str) -> bool:
@@ -297,7 +354,9 @@ class DecoderActor:
             waiting, lag = self.queues.live_load(time.time())
             return {"name": self.name, "streams": len(self.streams), "rebuilds": self.rebuilds, "ok": True,
                     "queue": waiting, "lag_s": lag, "device": self.device,
-                    "node": ray.get_runtime_context().get_node_id()}
+                    "node": ray.get_runtime_context().get_node_id(),
+                    "memory_bytes": self.memory_bytes, "kv_bytes_per_token": self.kv_per_token,
+                    "context_bytes": sum(st.ctx.budget_tokens for st in self.streams.values()) * self.kv_per_token}
 
     def ping(self) -> bool:
         return True

@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
@@ -27,12 +27,17 @@ from pipeline.viz import window as window_viz
 from pipeline.core.config import ServiceConfig
 from pipeline.core.messages import CompressedItem, RawWindow, SubmitReply, Timing
 from pipeline.metrics import get_metrics
+from pipeline.core.stage import StageCore
 from pipeline.core.queues import Added, StreamQueues, Taken
 from pipeline.core.records import StreamRecord
 from pipeline.engine.runtime import ActorNames, StoreRef, lookup, resolve_device, use_threads
 from pipeline.core.stats import EncoderStats, TokenCounts
 from pipeline.store.contract import StreamNotFound
 from pipeline.store.writer import PendingWrite, StoreWriter
+
+if TYPE_CHECKING:
+    from omnizip.methods import CompressionMethod
+    from omnizip.models import EncodedWindow
 
 __all__ = ["EncoderWorker"]
 
@@ -44,7 +49,7 @@ log = logging.getLogger(__name__)
 class _Pending:
     """An encoded window held back by the method's lookahead, with its timing."""
 
-    enc: Any  # omnizip.models.EncodedWindow
+    enc: EncodedWindow
     timing: Timing
     raw: Any = None  # pipeline.viz.window.RawSide: what its picture needs of the raw window
 
@@ -53,7 +58,7 @@ class _Pending:
 class _Stream:
     """A stream as its encoder worker sees it."""
 
-    method: Any  # omnizip.methods.CompressionMethod
+    method: CompressionMethod
     decoder: int
     backpressure: bool = False
     pending: list[_Pending] = field(default_factory=list)
@@ -77,6 +82,7 @@ class EncoderWorker:
         self.cfg = config
         self.names = ActorNames.of(config)
         self._decoders: dict[int, Any] = {}  # pool index -> handle, looked up by name
+        self._backlogs: dict[str, Any] = {}  # stream -> the decoder's latest answer about its backlog (ObjectRef)
         self.store = store.connect()
         self.metrics = get_metrics()
         self.device = resolve_device(config.device)
@@ -89,7 +95,11 @@ class EncoderWorker:
         self.incarnation = uuid.uuid4().hex  # a restarted worker is another incarnation
         self.writer = StoreWriter(self.store, config.store_buffer_windows, self._on_durable, self._on_unstored,
                                   lambda sid: self.metrics.reconnect("redis", sid))
-        threading.Thread(target=self._loop, name=f"{name}-loop", daemon=True).start()
+        # take -> run -> update (pipeline.core.stage); ended streams' held-back windows flushed after each take
+        self.core: StageCore[RawWindow] = StageCore(name, self.queues, self.cond, config.max_batch, self._run_batch,
+                                                    before=self._flush_ended, gauge=self._gauge,
+                                                    wake=lambda: any(s.ending for s in self.streams.values()))
+        threading.Thread(target=self.core.run_forever, name=f"{name}-loop", daemon=True).start()
 
     # -- intake --
     @ray.method(concurrency_group="intake", max_task_retries=0)
@@ -115,6 +125,9 @@ class EncoderWorker:
                 for lost in range(self.queues.high_water(item.stream_id) + 1, item.index):
                     self.queues.drop(item.stream_id, lost, "error")
             added = self.queues.add(item)
+            if added == Added.DUPLICATE:  # refused as seen before: a producer numbering from an old
+                st.stats.duplicates += 1  # point loses these windows; counted, shown in the status
+                log.warning("%s: stream %s window %d refused as a duplicate", self.name, item.stream_id, item.index)
             self._gauge()
             self.cond.notify()
         return self._reply(item.stream_id, added)
@@ -125,15 +138,29 @@ class EncoderWorker:
                            st.stats.durable if st is not None else -1)
 
     def _decoder_full(self, sid: str) -> bool:
+        """Whether the stream's decoder holds a full queue of its windows, from the decoder's
+        latest answer (the reply to the last push, or a backlog query made only while it was
+        full): never a synchronous call to the decoder per window. An answer not back yet means
+        the decoder has not taken the last window: full, for now."""
         st = self.streams.get(sid)
-        if st is None:
+        ref = self._backlogs.get(sid)
+        if st is None or ref is None:
             return False
+        if not ray.wait([ref], timeout=0)[0]:
+            return True
         try:
-            backlog = ray.get(self._decoder(st.decoder).backlog.remote(sid), timeout=30)
+            backlog = ray.get(ref)  # ready: read locally, no call to the decoder
         except Exception:  # a decoder being restarted or moved: let the window through (it will be queued)
             self._decoders.pop(st.decoder, None)
+            self._backlogs.pop(sid, None)
             return False
-        return backlog >= self.cfg.queue_windows
+        if backlog < self.cfg.queue_windows:
+            return False
+        try:  # ask again, without waiting: the next submit reads the answer
+            self._backlogs[sid] = self._decoder(st.decoder).backlog.remote(sid)
+        except Exception:
+            self._backlogs.pop(sid, None)
+        return True
 
     @ray.method(concurrency_group="intake", max_task_retries=-1)
     def finish(self, stream_id: str, expect: str | None = None) -> SubmitReply:
@@ -160,7 +187,6 @@ class EncoderWorker:
         if st is not None or self.queues.was_forgotten(sid):
             return st
         from omnizip.codec import decode
-        from omnizip.methods import make_method
         from omnizip.models import EncodedWindow
 
         try:
@@ -170,7 +196,7 @@ class EncoderWorker:
         if rec.worker != self.index:
             return _MOVED
         s = rec.settings
-        st = _Stream(make_method(s.method, s.config(), lookahead=s.lookahead), rec.decoder, rec.backpressure)
+        st = _Stream(s.method_spec().build(), rec.decoder, rec.backpressure)
         st.stats.decoder = rec.decoder
         saved = self.store.load_state(sid)
         done_through = -1
@@ -204,30 +230,11 @@ class EncoderWorker:
             self.metrics.reconnect("actor", sid)
 
     # -- the loop: take -> run -> emit --
-    def _loop(self) -> None:
-        while True:
-            with self.cond:
-                while not self.queues.has_work() and not any(s.ending for s in self.streams.values()):
-                    self.cond.wait(0.5)
-                batch = self.queues.take(self.cfg.max_batch, time.time())
-                self._gauge()
-            self._flush_ended()
-            if not batch:
-                continue
-            try:
-                self._run_batch(batch)
-            except Exception:
-                log.exception("%s: batch failed", self.name)
-                for t in batch:
-                    self.queues.drop(t.window.stream_id, t.window.index, "error")
-            finally:
-                with self.cond:
-                    for t in batch:
-                        self.queues.finish(t.window.stream_id)
-
     def _run_batch(self, batch: list[Taken[RawWindow]]) -> None:
         t = time.perf_counter()
-        wins = [(b.window.window.audio, b.window.window.frames if b.window.window.has_video else None) for b in batch]
+        # a missing track is empty, not silence or black: audio-only and video-only sources
+        wins = [(w.audio if w.has_audio else None, w.frames if w.has_video else None)
+                for w in (b.window.window for b in batch)]
         encoded = self.model.encode_windows(wins, [b.window.index for b in batch])
         dt = time.perf_counter() - t
         self.batches += 1
@@ -284,23 +291,26 @@ class EncoderWorker:
             st.stats.harder += int(o.harder)
             self.metrics.record_window(sid, {"audio": cw.audio_in, "video": cw.video_in},
                                        {"audio": cw.audio_kept, "video": cw.video_kept})
-            extra = window_viz.store_viz(self.store, sid, p.enc, o, p.raw, p.timing)  # its picture; flags
-            done.append((cw, p.timing, bool(o.harder), extra))
+            extra, picture = window_viz.window_record(p.enc, o, p.raw, p.timing)  # flags; stored with it
+            done.append((cw, p.timing, bool(o.harder), extra, picture))
         state = encode(self._state(sid, st))  # after these windows: travels with their store write
         if not done:
             if pushed is not None:
                 self.writer.write(PendingWrite(sid, pushed, None, state=state, covers=pushed))
             return
-        for k, (cw, timing, harder, extra) in enumerate(done):
+        for k, (cw, timing, harder, extra, picture) in enumerate(done):
             fields = {"audio_in": cw.audio_in, "audio_kept": cw.audio_kept, "video_in": cw.video_in,
                       "video_kept": cw.video_kept, "harder": harder, "t0": timing.t0, **extra}
             payload = cw.to_bytes()
             last = k == len(done) - 1  # the state written with it covers every window pushed so far
             self.writer.write(PendingWrite(sid, cw.index, payload, timing.start, timing.end, fields,
-                                           state if last else None, st.stats.last_pushed if last else None))
+                                           state if last else None, st.stats.last_pushed if last else None,
+                                           None if picture is None else {window_viz.VIZ_KIND: picture}))
             st.stats.last_stored = cw.index
             try:
-                self._decoder(st.decoder).push.remote(CompressedItem(sid, cw.index, timing, payload, st.backpressure))
+                reply = self._decoder(st.decoder).push.remote(CompressedItem(sid, cw.index, timing, payload, st.backpressure))
+                if st.backpressure:
+                    self._backlogs[sid] = reply  # the decoder's backlog rides on the reply
             except Exception:  # the decoder left the pool: the one the stream moves to reads the store
                 self._decoders.pop(st.decoder, None)
 
@@ -339,6 +349,7 @@ class EncoderWorker:
             if st is None:
                 return False
             st.decoder = st.stats.decoder = int(decoder)
+            self._backlogs.pop(stream_id, None)  # the old decoder's answer says nothing of the new one
         return True
 
     def release(self, stream_id: str, timeout_s: float = 30.0) -> int:
@@ -359,6 +370,7 @@ class EncoderWorker:
         with self.cond:
             self.queues.close(stream_id)
             self.streams.pop(stream_id, None)
+            self._backlogs.pop(stream_id, None)
         return st.stats.durable
 
     def forget(self, stream_id: str) -> bool:
@@ -366,6 +378,7 @@ class EncoderWorker:
         self.writer.forget(stream_id)
         with self.cond:
             self.queues.forget(stream_id)
+            self._backlogs.pop(stream_id, None)
             return self.streams.pop(stream_id, None) is not None
 
     def stats(self, stream_id: str) -> EncoderStats:

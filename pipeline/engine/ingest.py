@@ -58,10 +58,9 @@ class IngestActor:
         self.metrics = get_metrics()
         self.rec = self._latest(record)
         self.st = IngestStats.from_dict(self.rec.extra.get("progress"))  # a restarted actor continues
+        self._live_recorded = False  # the record says "live" (written once, then progress notes only)
         self.st.status, self.st.done = ("starting" if self.st.windows_total == 0 else "reconnecting"), False
-        self.resume_at = self._durable_through() + 1
-        if self.resume_at > 0 and not _live_source(self.rec.source):  # a file's windows read but not
-            self.st.windows_total = min(self.st.windows_total, self.resume_at)  # durable are read again
+        self.resume_at = 0  # set by _resume on the thread, once the store has told where the stream is
         self.worker_index = self.rec.worker
         self.worker: Any = None  # resolved by name on first use (pipeline.engine.runtime.lookup)
         self.retained: deque[RawWindow] = deque(maxlen=max(4, int(retain)))
@@ -78,14 +77,20 @@ class IngestActor:
         except Exception:  # the store is away: the record we were started with
             return record
 
-    def _durable_through(self) -> int:
-        """Newest window index already in the store (window or compressor state), -1 if none."""
-        try:
-            last = self.store.last_window_index(self.sid)
-            state = self.store.load_state(self.sid)
-        except Exception:
-            return -1
-        return max(-1 if last is None else int(last), -1 if state is None else int(state.index))
+    def _resume(self) -> None:
+        """Where this incarnation continues: after the newest durable window, read from the store
+        (waiting for it while it is away: a guess of 'nothing yet' would number a live source
+        from 0 again, and the encoder would refuse those windows as duplicates). The progress is
+        read again too: the store may have been away when the actor started."""
+        self.resume_at = durable_through(self.store, self.sid, self._stop) + 1
+        rec = self._latest(self.rec)
+        if rec is not self.rec:
+            self.rec = rec
+            st = IngestStats.from_dict(rec.extra.get("progress"))
+            st.status = "starting" if st.windows_total == 0 else "reconnecting"
+            self.st = st
+        if self.resume_at > 0 and not _live_source(self.rec.source):  # a file's windows read but not
+            self.st.windows_total = min(self.st.windows_total, self.resume_at)  # durable are read again
 
     # -- status --
     def _set_status(self, status: str, error: str | None = None) -> None:
@@ -95,24 +100,39 @@ class IngestActor:
             changes["ingest"] = {**self.st.to_dict(), "done": True}
         self._record(changes)
 
-    def _record(self, changes: dict[str, Any]) -> None:
+    def _note_progress(self) -> None:
+        try:
+            self.store.note_progress(self.sid, self.st.to_dict())
+        except Exception:  # informative only, as _record
+            log.debug("stream %s: could not note its progress", self.sid)
+
+    def _record(self, changes: dict[str, Any]) -> bool:
         try:
             self.store.update_stream(self.sid, changes)
+            return True
         except Exception:  # the store away or emptied (the service writes the registry back); a
             # deleted stream's actor is stopped by the service. Informative only: never fail for it.
             log.warning("stream %s: could not record its progress", self.sid)
+            return False
 
     # -- the source --
     def _run(self) -> None:
         from pipeline.sources.source import Source
         from pipeline.sources.windows import iter_windows
 
-        rec = self.rec
         try:
+            self._resume()
+            if self._stop.is_set():
+                return
+            rec = self.rec
             src = Source(rec.source, rec.options, policy=self.policy)
             src.open()
             self.st.live = bool(src.live or rec.realtime)
+            self.st.duration_s = src.duration_s()  # a file read again counts its errors again; live adds
+            errors0 = self.st.decode_errors if src.live else 0
             resumed = self.resume_at > 0
+            if resumed and self.st.live:  # the live clock starts again: lag_s is behind live now, not
+                self.st.t0 = None  # behind a clock that still counts the outage
             # a finite source fast-forwards to where the stream was; a live one starts afresh and
             # its windows are numbered on from there
             skip = self.resume_at if (resumed and not src.live) else 0
@@ -124,13 +144,18 @@ class IngestActor:
                 if shift:
                     w = _shifted(w, shift, first=w.index == 0)
                 now = time.time()
+                self.st.decode_errors = errors0 + src.decode_errors
                 self._observe(w, now, prev)
-                if self.st.status != "live":
+                if self.st.status != "live" or not self._live_recorded:  # the record says live once
                     self.st.status = "live"
-                self._record({"status": "live", "error": None, "progress": self.st.to_dict()})
+                    self._live_recorded = self._record({"status": "live", "error": None,
+                                                        "progress": self.st.to_dict()})
+                else:  # then each window's progress is one blind write beside the record
+                    self._note_progress()
                 self._submit(RawWindow(self.sid, w, self.st.t0, now, rec.backpressure))
                 prev = time.time()
             src.close()
+            self.st.decode_errors = errors0 + src.decode_errors
             if not self._stop.is_set():
                 self._finish()
                 self._set_status("ended")
@@ -269,6 +294,27 @@ class IngestActor:
     def stop(self) -> bool:
         self._stop.set()
         return True
+
+
+def durable_through(store: Any, sid: str, stop: threading.Event, first_wait_s: float = 0.2,
+                    max_wait_s: float = 5.0) -> int:
+    """Newest window index already in the store (a window, or the compressor state), -1 if
+    none. A failed read is retried with backoff until the store answers or ``stop`` is set
+    (then -1: the actor is being stopped and numbers nothing)."""
+    wait, warned = first_wait_s, False
+    while True:
+        try:
+            last = store.last_window_index(sid)
+            state = store.load_state(sid)
+            return max(-1 if last is None else int(last), -1 if state is None else int(state.index))
+        except Exception as exc:
+            if not warned:
+                log.warning("stream %s: cannot read where the stream is (%s); waiting for the store", sid,
+                            type(exc).__name__)
+                warned = True
+        if stop.wait(wait):
+            return -1
+        wait = min(2 * wait, max_wait_s)
 
 
 def _live_source(source: str) -> bool:

@@ -120,7 +120,7 @@ class EngineLife:
         while True:
             await asyncio.sleep(2.0)
             try:
-                await self._restore_missing({r["id"] for r in await asyncio.to_thread(self.store.list_streams)})
+                await self._restore_missing({r["id"] for r in await runtime.store_call(self.store.list_streams)})
             except Exception as exc:  # the store is away: next round
                 log.debug("restore watchdog: %s", exc)
 
@@ -131,7 +131,7 @@ class EngineLife:
             if sid not in present and sid in self.known:
                 log.warning("stream %s: the store lost its record; writing it back", sid)
                 try:
-                    await asyncio.to_thread(self.store.create_stream, rec.to_dict(), sid)
+                    await runtime.store_call(self.store.create_stream, rec.to_dict(), sid)
                 except StreamExists:  # written back meanwhile (the watchdog or another call)
                     continue
                 restored.append(rec)
@@ -187,8 +187,9 @@ class EngineLife:
         for pool in (self.encoders, self.decoders):
             for i in list(pool.members):
                 pool.stop(i)
-        if self.store_ref.handle is not None and not keep_store and not await asyncio.to_thread(self._others_alive):
-            ray.kill(self.store_ref.handle, no_restart=True)
+        store = self.store_ref.handle
+        if store is not None and not keep_store and not await asyncio.to_thread(self._others_alive):
+            ray.kill(store, no_restart=True)
 
     def _others_alive(self) -> bool:
         return any(a.get("namespace") == runtime.NAMESPACE and self.names.is_other_engine(a["name"])

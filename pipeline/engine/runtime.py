@@ -5,6 +5,7 @@ which import this module)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +16,7 @@ from pipeline.core.config import ServiceConfig
 from pipeline.store.contract import Retention, StreamStore
 from pipeline.store.open import open_store
 
-__all__ = ["NAMESPACE", "ON_HEAD", "RemoteStore", "StoreRef", "ActorNames", "lookup", "model_resources",
+__all__ = ["NAMESPACE", "ON_HEAD", "RemoteStore", "store_call", "StoreRef", "ActorNames", "lookup", "model_resources",
            "resolve_device", "store_actor", "use_threads", "wants_gpu"]
 
 NAMESPACE = "omnizip"
@@ -23,23 +24,49 @@ NAMESPACE = "omnizip"
 
 @dataclass(frozen=True)
 class StoreRef:
-    """How an actor reaches the store: a Redis URL, or the handle of the actor hosting the
-    in-process MemoryStore (so every actor sees the same one)."""
+    """How an actor reaches the store: a Redis URL, or the name of the actor hosting the
+    in-process MemoryStore (so every actor sees the same one). A name, not a handle: a handle
+    in an actor's constructor arguments goes to the object store, and a restart of that actor
+    fails once those arguments are gone (Ray warns about it); a name is found again."""
 
     url: str | None = None
-    handle: Any = None
+    actor: str | None = None
     retention: Retention = Retention()
+
+    @property
+    def handle(self) -> Any:
+        """The store actor's handle (None with Redis, or when it is gone)."""
+        if self.actor is None:
+            return None
+        try:
+            return ray.get_actor(self.actor, namespace=NAMESPACE)
+        except ValueError:
+            return None
 
     def connect(self, fail_fast: bool = False) -> StreamStore:
         """A client; ``fail_fast``: few retries and short timeouts, for callers that must answer
         within seconds while the store is away (the API) rather than wait it out."""
         if self.url:
             if fail_fast:
-                return open_store(self.url, self.retention, retries=1, socket_timeout_s=1.5)
+                return open_store(self.url, self.retention, fail_fast=True)
             return open_store(self.url, self.retention)
-        if self.handle is None:
-            raise ValueError("StoreRef needs a Redis URL or a store actor handle")
-        return RemoteStore(self.handle)
+        if self.actor is None:
+            raise ValueError("StoreRef needs a Redis URL or a store actor's name")
+        handle = self.handle
+        if handle is None:
+            raise ValueError(f"no store actor named {self.actor!r}")
+        return RemoteStore(handle)
+
+
+class _RemoteCall:
+    """One method of the store actor: called plainly it waits (threaded actors, the driver);
+    :func:`store_call` awaits it instead, so an async actor never blocks its event loop."""
+
+    def __init__(self, method: Any) -> None:
+        self.method = method
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return ray.get(self.method.remote(*args, **kwargs))
 
 
 class RemoteStore:
@@ -50,14 +77,21 @@ class RemoteStore:
         self._h = handle
 
     def __getattr__(self, name: str) -> Any:
-        method = getattr(self._h, name)
-        return lambda *a, **k: ray.get(method.remote(*a, **k))
+        return _RemoteCall(getattr(self._h, name))
 
     def iter_windows(self, stream_id: str, start: int = 0, batch: int = 32) -> Iterator[Any]:
         return iter(self.windows(stream_id, start))
 
     def close(self) -> None:
         pass
+
+
+async def store_call(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` of a store from an async actor: the store actor's method awaited, a Redis
+    store's blocking call on a thread (never a blocking ray.get on the event loop)."""
+    if isinstance(fn, _RemoteCall):
+        return await fn.method.remote(*args)
+    return await asyncio.to_thread(fn, *args)
 
 
 def store_actor(retention: Retention, detached: bool = True, name: str = "omnizip-store") -> Any:

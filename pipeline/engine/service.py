@@ -21,13 +21,15 @@ from pipeline.engine import launch, runtime
 from pipeline.engine.lifecycle import EngineLife
 from pipeline.engine.scaler import PoolScaling
 from pipeline.core.config import ServiceConfig
+from pipeline.core.messages import QuestionRoute, check_question
 from pipeline.engine.elastic import Pool
+from pipeline.engine.memory import model_kv_bytes_per_token
 from pipeline.metrics import get_metrics
-from pipeline.core.pool import Bounds, least_loaded
-from pipeline.core.records import StreamRecord, StreamSpec
+from pipeline.core.pool import Bounds, MemoryFull, context_bytes, least_loaded, place_by_memory
+from pipeline.core.records import StreamRecord, StreamSpec, smallest_context_tokens
 from pipeline.errors import LimitExceeded, NameTaken, StoreUnavailable
 from pipeline.core.stats import DecoderStats, EncoderStats, IngestStats, stream_status
-from pipeline.store.contract import Retention, StreamNotFound
+from pipeline.store.contract import Retention, StreamNotFound, WindowSpan
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +48,9 @@ class StreamService(EngineLife, PoolScaling):
         c = self.cfg
         self.names = runtime.ActorNames.of(c)
         retention = Retention(c.retention_windows, c.retention_s)
-        handle = None if c.redis_url else runtime.store_actor(retention, c.detached, self.names.store())
-        self.store_ref = runtime.StoreRef(c.redis_url, handle, retention)
+        if not c.redis_url:
+            runtime.store_actor(retention, c.detached, self.names.store())
+        self.store_ref = runtime.StoreRef(c.redis_url, None if c.redis_url else self.names.store(), retention)
         self.store = self.store_ref.connect(fail_fast=True)  # the API answers 503 within seconds
         grace = max(3 * c.scale_interval_s, 3.0)  # a member away longer is gone: its streams move
         self.encoders = Pool("encoder", self._bounds("encoder"),
@@ -59,7 +62,6 @@ class StreamService(EngineLife, PoolScaling):
         self._reattached = False
         self._reattaching = asyncio.Lock()
         self._creating = asyncio.Lock()  # limits and name checks see every earlier create
-        self._asking: dict[str, int] = {}  # questions answered or waiting, per stream
         self.known: dict[str, StreamRecord] = {}  # running streams' records: written back if the store loses them
         self._watchdog: asyncio.Task | None = None
         self._replicas: dict[str, float] = {}  # Serve replicas using this engine -> when last heard of
@@ -79,7 +81,7 @@ class StreamService(EngineLife, PoolScaling):
         """A blocking store call off the event loop; StoreUnavailable when the store is away."""
         self._watch()
         try:
-            return await asyncio.to_thread(fn, *args)
+            return await runtime.store_call(fn, *args)
         except (StreamNotFound, ValueError, TypeError, KeyError):
             raise
         except Exception as exc:
@@ -120,12 +122,18 @@ class StreamService(EngineLife, PoolScaling):
         budget = parsed.context_tokens or self.cfg.context_tokens
         if budget > self.cfg.max_context_tokens:
             raise ValueError(f"context_tokens: at most {self.cfg.max_context_tokens} (the model's range), got {budget}")
+        smallest = smallest_context_tokens(parsed.size, self.cfg.system_prompt)
+        if budget < smallest:  # accepted, it would hold no window: every question answers from nothing
+            raise ValueError(f"context_tokens: {budget} cannot hold one window of this stream; the smallest budget "
+                             f"that does is {smallest}" + ("" if parsed.size else " (or set `size` to smaller frames)"))
         from pipeline.sources.spec import classify
 
         live = classify(parsed.source).live  # UnsupportedSourceError (a ValueError) names the problem
         if parsed.backpressure is None:  # a finite source waits for the model rather than lose a window
             parsed = parsed.model_copy(update={"backpressure": not live})
         await self._io(self.policy.check, parsed.source)  # SourceRefused names the rule; opens nothing
+        if live and str(parsed.source).lower().startswith(("rtsp:", "rtsps:")):  # UDP only where the operator allows
+            self.policy.check_rtsp_transport(str((parsed.options or {}).get("rtsp_transport", "tcp")), parsed.source)
         await self._reattach()
         async with self._creating:
             running = [r for r in await self._records()  # this engine's (engines of other names may share a Redis)
@@ -141,13 +149,28 @@ class StreamService(EngineLife, PoolScaling):
             rec = StreamRecord.from_spec(
                 parsed, self.cfg.context_tokens, owner=owner,
                 worker=least_loaded([r.worker for r in running], self.encoders.ready() or self.encoders.members),
-                decoder=least_loaded([r.decoder for r in running], self.decoders.ready() or self.decoders.members))
+                decoder=await self._place_decoder(running, budget))
             rec.extra["engine"] = self.cfg.name  # whose stream it is: a later engine of this name takes it on
             rec = StreamRecord.from_dict(await self._io(self.store.create_stream, rec.to_dict()))
             self.known[rec.id] = rec
         self._info(rec)
         self.ingest[rec.id] = launch.start_ingest(self.names.ingest(rec.id), rec, self.cfg, self.store_ref)
         return await self._status(rec)
+
+    async def _place_decoder(self, running: list[StreamRecord], tokens: int) -> int:
+        """The decoder for a new stream of context budget ``tokens``: the least loaded one whose
+        context memory (OMNIZIP_DECODER_MEMORY_BYTES or what it reports) still holds its KV;
+        LimitExceeded naming the need and the room when none does (issue 19)."""
+        health = self.decoders.health
+        per_token = next((int(h["kv_bytes_per_token"]) for h in health.values() if h.get("kv_bytes_per_token")), 0) \
+            or await asyncio.to_thread(model_kv_bytes_per_token, self.cfg.model, self.cfg.dtype, self.cfg.device)
+        members = self.decoders.ready() or list(self.decoders.members)
+        budgets = {m: self.cfg.decoder_memory_bytes or health.get(m, {}).get("memory_bytes") for m in members}
+        held = [(r.decoder, context_bytes(r.settings.context_tokens, per_token)) for r in running]
+        try:
+            return place_by_memory(held, members, context_bytes(tokens, per_token), budgets)
+        except MemoryFull as e:
+            raise LimitExceeded(str(e), "context_tokens", 30) from None
 
     async def list_streams(self, owner: str | None = None) -> list[dict]:
         """The streams of ``owner`` (None: every stream, for the operator)."""
@@ -186,9 +209,10 @@ class StreamService(EngineLife, PoolScaling):
 
     async def _status(self, rec: StreamRecord) -> dict:
         ing_h = self.ingest.get(rec.id)
-        ing, enc, dec = await asyncio.gather(
+        ing, enc, dec, span = await asyncio.gather(
             self._call(ing_h.stats.remote(), INGEST_STATS_TIMEOUT_S) if ing_h is not None else asyncio.sleep(0),
-            self._call(self._worker(rec).stats.remote(rec.id)), self._call(self._decoder(rec).stats.remote(rec.id)))
+            self._call(self._worker(rec).stats.remote(rec.id)), self._call(self._decoder(rec).stats.remote(rec.id)),
+            self._call(runtime.store_call(self.store.window_span, rec.id), INGEST_STATS_TIMEOUT_S))  # holes: eviction
         if ing_h is not None and isinstance(ing, IngestStats) and ing.done and rec.ingest is not None:
             self.ingest.pop(rec.id, None)  # the source is over and its figures are in the record
             ray.kill(ing_h, no_restart=True)
@@ -200,7 +224,9 @@ class StreamService(EngineLife, PoolScaling):
             ing = IngestStats.from_dict({**rec.extra.get("progress", {}), "status": "reconnecting"})
         return stream_status(rec, ing if isinstance(ing, IngestStats) else None,
                              enc if isinstance(enc, EncoderStats) else None,
-                             dec if isinstance(dec, DecoderStats) else None, pending=pending)
+                             dec if isinstance(dec, DecoderStats) else None, pending=pending,
+                             span=span if isinstance(span, WindowSpan) else None,
+                             retention=(self.cfg.retention_windows, self.cfg.retention_s is not None))
 
     async def delete_stream(self, stream_id: str, owner: str | None = None) -> bool:
         rec = await self._record(stream_id, owner)
@@ -215,32 +241,38 @@ class StreamService(EngineLife, PoolScaling):
         get_metrics().forget_stream(stream_id)
         return True
 
+    async def route(self, ref: str, owner: str | None = None, by_name: bool = False) -> QuestionRoute:
+        """Where a question about stream ``ref`` goes: ownership checked once (the id, or with
+        ``by_name`` the one stream of ``owner`` with that name: the OpenAI ``model``), the decoder
+        found once. The caller asks that decoder itself, so the answer's pieces come straight
+        from it. KeyError (404) for an unknown stream or another tenant's; ValueError when a
+        name is ambiguous."""
+        try:
+            rec = await self._record(ref, owner)
+        except KeyError:
+            if not by_name:
+                raise
+            named = [r for r in await self._records() if r.name == ref and (owner is None or r.owner == owner)]
+            if not named:
+                raise KeyError(f"no stream with id or name {ref!r}") from None
+            if len(named) > 1:
+                raise ValueError(f"model: {len(named)} streams are named {ref!r}; use one's id: "
+                                 f"{sorted(r.id for r in named)}") from None
+            rec = named[0]
+        return QuestionRoute(rec.id, self._decoder(rec))
+
     async def ask_events(self, stream_id: str, question: str | None = None, max_tokens: int = 64,
                          owner: str | None = None, messages: list[dict] | None = None) -> AsyncIterator[Any]:
         """An answer as events (pipeline.core.messages.AnswerStart, text pieces, AnswerEnd) to
-        ``question`` or to a chat's ``messages``. At most ``max_questions_per_stream`` questions
-        are answered or waiting on one stream; more get LimitExceeded, so a short question never
-        queues behind an unbounded line of long answers."""
-        if messages is None and (not isinstance(question, str) or not question.strip()):
-            raise ValueError("question: must be a non-empty string")
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= 4096:
-            raise ValueError(f"max_tokens: must be an integer in [1, 4096], got {max_tokens!r}")
-        rec = await self._record(stream_id, owner)
-        if self._asking.get(stream_id, 0) >= self.cfg.max_questions_per_stream:
-            raise LimitExceeded(f"{self.cfg.max_questions_per_stream} questions are already being answered on "
-                                "this stream; try again when one is done", "question", 2)
-        self._asking[stream_id] = self._asking.get(stream_id, 0) + 1
-        try:
-            gen = self._decoder(rec).ask.options(num_returns="streaming").remote(
-                stream_id, question if messages is None else None, max_tokens, messages)
-            async for ref in gen:
-                yield await ref
-        finally:
-            left = self._asking.get(stream_id, 1) - 1
-            if left > 0:
-                self._asking[stream_id] = left
-            else:
-                self._asking.pop(stream_id, None)
+        ``question`` or to a chat's ``messages``, for callers inside the cluster (the CLI); the
+        HTTP replicas :meth:`route` and ask the decoder themselves. The decoder checks the
+        question and bounds the questions per stream (pipeline.engine.decoder)."""
+        check_question(question, messages, max_tokens)
+        route = await self.route(stream_id, owner)
+        gen = route.decoder.ask.options(num_returns="streaming").remote(
+            route.stream_id, question if messages is None else None, max_tokens, messages)
+        async for ref in gen:
+            yield await ref
 
     async def ask(self, stream_id: str, question: str, max_tokens: int = 64,
                   owner: str | None = None) -> AsyncIterator[str]:
@@ -254,13 +286,23 @@ class StreamService(EngineLife, PoolScaling):
         for pool, name in ((self.encoders, self.names.encoder), (self.decoders, self.names.decoder)):
             for m in await pool.probe():
                 workers[name(m.index)] = pool.health[m.index] if m.ready else {"ok": False}
-        store_ok = await asyncio.to_thread(self.store.ping)
+        store_ok = await runtime.store_call(self.store.ping)
+        # a store that answers may still lose data or refuse writes (evicting policy, OOM, MISCONF)
+        problems = await self._store_problems() if store_ok else ["the store does not answer"]
         n = len(await self._io(self.store.list_streams)) if store_ok else len(self.ingest)
         pools = {p.kind: {"members": len(p.members), "ready": len(p.ready()), "low": p.bounds.low,
                           "high": p.bounds.high} for p in (self.encoders, self.decoders)}
-        return {"ok": bool(store_ok) and all(w.get("ok") for w in workers.values()), "streams": n,
-                "degraded": not store_ok, "workers": workers, "store": "redis" if self.cfg.redis_url else "memory",
+        return {"ok": not problems and all(w.get("ok") for w in workers.values()), "streams": n,
+                "degraded": bool(problems), "store_problems": problems, "workers": workers,
+                "store": "redis" if self.cfg.redis_url else "memory",
                 "engine": self.names.prefix, "pools": pools, "moves": self.moves}
+
+    async def _store_problems(self) -> list[str]:
+        """The store's own report (pipeline.store.contract.StreamStore.problems); never raises."""
+        try:
+            return list(await runtime.store_call(self.store.problems))
+        except Exception as exc:  # e.g. a store that stopped answering between the two calls
+            return [f"the store could not be checked ({type(exc).__name__})"]
 
     async def windows(self, stream_id: str, start: int = 0, owner: str | None = None,
                       limit: int | None = None) -> list[dict]:
@@ -289,10 +331,17 @@ class StreamService(EngineLife, PoolScaling):
     async def probe_source(self, source: str, options: Mapping[str, Any] | None = None,
                            owner: str | None = None) -> dict:
         """Open `source` under this engine's source policy, report what it carries within 5 s
-        (pipeline.sources.probe), register nothing. SourceRefused / UnsupportedSourceError as create."""
-        from pipeline.sources.probe import probe_source
+        (pipeline.sources.probe), register nothing. SourceRefused / UnsupportedSourceError as create;
+        LimitExceeded past max_probes_per_key / max_probes running (on threads of their own)."""
+        return await self._probe_limiter().run(owner or "", source, options, self.policy)
 
-        return await asyncio.to_thread(probe_source, source, options, self.policy)
+    def _probe_limiter(self) -> Any:
+        """The probes' own thread pool and bounds, made on first use."""
+        from pipeline.sources.probe import ProbeLimiter
+
+        if getattr(self, "_probes", None) is None:
+            self._probes = ProbeLimiter(self.cfg.max_probes, self.cfg.max_probes_per_key)
+        return self._probes
 
     async def window_latencies(self, stream_id: str, owner: str | None = None) -> list[float]:
         """Per-window end-to-end latencies of a live stream (window end -> in the decoder's context)."""

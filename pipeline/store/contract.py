@@ -29,9 +29,11 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.errors import StoreUnavailable
+
 __all__ = [
     "Retention", "StoredWindow", "StoredState", "StreamStore", "StoreError", "StreamNotFound",
-    "StreamExists", "WindowOrderError",
+    "StreamExists", "WindowOrderError", "StoreRefused", "WindowSpan",
 ]
 
 Scalar = str | int | float | bool | None
@@ -55,6 +57,22 @@ class StreamExists(StoreError):
 
 class WindowOrderError(StoreError, ValueError):
     """A window arrived after a later one without being a retry of an accepted window."""
+
+
+class StoreRefused(StoreError, StoreUnavailable):
+    """The store answers but cannot be used safely: it refuses writes (Redis out of memory, a
+    failed disk: OOM, MISCONF, READONLY) or it is set to evict keys. A StoreUnavailable, so the
+    API answers 503 naming the cause (never a 500 with the backend's text); the message says
+    what to fix."""
+
+
+@dataclass(frozen=True)
+class WindowSpan:
+    """What the store holds of a stream's windows: how many, and the oldest and newest index."""
+
+    count: int
+    first: int | None
+    last: int | None
 
 
 @dataclass(frozen=True)
@@ -132,6 +150,17 @@ def _check_blob(index: int, kind: str) -> str:
     return f"{index}:{kind}"
 
 
+def _check_blobs(index: int, blobs: Mapping[str, bytes] | None) -> dict[str, bytes]:
+    """A window's side blobs, each named as put_blob names it."""
+    out: dict[str, bytes] = {}
+    for kind, data in (blobs or {}).items():
+        _check_blob(index, kind)
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"blob data must be bytes, got {type(data).__name__}")
+        out[kind] = bytes(data)
+    return out
+
+
 def _check_spec(spec: Mapping[str, Any], what: str) -> dict[str, Any]:
     if not isinstance(spec, Mapping):
         raise TypeError(f"{what} must be a mapping, got {type(spec).__name__}")
@@ -173,11 +202,20 @@ class StreamStore(ABC):
     @abstractmethod
     def append_window(self, stream_id: str, index: int, payload: bytes, *, media_start: float,
                       media_end: float, fields: Mapping[str, Scalar] | None = None,
-                      state: bytes | None = None) -> bool:
+                      state: bytes | None = None, blobs: Mapping[str, bytes] | None = None) -> bool:
         """Append window ``index`` (0-based, increasing; gaps allowed for dropped windows) and,
-        atomically with it, the compressor ``state`` after it. Returns False when the window is
-        a retry of one already accepted (nothing changes), True when it was added. Retention is
-        applied in the same step. :class:`WindowOrderError` if it comes after a later window."""
+        atomically with it, the compressor ``state`` after it and the window's side ``blobs``
+        (kind -> bytes, as :meth:`put_blob`): one round trip per window. Returns False when the
+        window is a retry of one already accepted (nothing changes), True when it was added.
+        Retention is applied in the same step. :class:`WindowOrderError` if it comes after a
+        later window."""
+
+    @abstractmethod
+    def note_progress(self, stream_id: str, progress: Mapping[str, Any]) -> None:
+        """The ingest's progress (a small JSON-able mapping), read back as the record's
+        ``progress``: one blind write per window, no read-modify-write of the record (last
+        write wins; :meth:`update_stream` with a ``progress`` replaces it too).
+        :class:`StreamNotFound` when the stream is not registered."""
 
     @abstractmethod
     def iter_windows(self, stream_id: str, start: int = 0, batch: int = 32) -> Iterator[StoredWindow]:
@@ -236,10 +274,22 @@ class StreamStore(ABC):
             lows.append(top_blob - self.retention.max_blob_windows + 1)
         return max(lows) if lows else None
 
+    def window_span(self, stream_id: str) -> WindowSpan:
+        """How many windows are retained and their oldest/newest index (a hole check: the
+        service compares it with the index range the stream should hold)."""
+        first = next(iter(self.window_page(stream_id, 0, 1)), None)
+        return WindowSpan(self.window_count(stream_id), None if first is None else first.index,
+                          self.last_window_index(stream_id))
+
     # --- lifecycle ------------------------------------------------------------------------
     def ping(self) -> bool:
         """True when the backing store answers."""
         return True
+
+    def problems(self) -> list[str]:
+        """What makes the store unsafe right now (an evicting policy, refused writes), one
+        sentence each naming the fix; empty when healthy or unknown."""
+        return []
 
     def close(self) -> None:
         """Release connections."""

@@ -10,7 +10,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from pipeline.store.contract import (Retention, Scalar, StoredState, StoredWindow, StreamExists, StreamNotFound,
-                                     StreamStore, WindowOrderError, _check_blob, _check_id, _check_window)
+                                     StreamStore, WindowOrderError, _check_blob, _check_blobs, _check_id, _check_window)
 
 __all__ = ["MemoryStore"]
 
@@ -72,8 +72,9 @@ class MemoryStore(StreamStore):
 
     def append_window(self, stream_id: str, index: int, payload: bytes, *, media_start: float,
                       media_end: float, fields: Mapping[str, Scalar] | None = None,
-                      state: bytes | None = None) -> bool:
+                      state: bytes | None = None, blobs: Mapping[str, bytes] | None = None) -> bool:
         f = _check_window(index, payload, media_start, media_end, fields)
+        side = _check_blobs(index, blobs)
         with self._lock:
             self._rec(stream_id)
             wins = self._windows[stream_id]
@@ -95,7 +96,17 @@ class MemoryStore(StreamStore):
                 cutoff = float(media_end) - r.max_age_s
                 keep = next((i for i, w in enumerate(wins) if w.media_end >= cutoff), len(wins))
                 del wins[:keep]
+            if side:
+                held = self._blobs.setdefault(stream_id, {})
+                held.update({(index, kind): data for kind, data in side.items()})
+                floor = self._blob_floor(wins[0].index if wins else None, max(i for i, _ in held))
+                if floor is not None:
+                    self._blobs[stream_id] = {k: v for k, v in held.items() if k[0] >= floor}
             return True
+
+    def note_progress(self, stream_id: str, progress: Mapping[str, Any]) -> None:
+        with self._lock:
+            self._rec(stream_id)["progress"] = json.loads(json.dumps(dict(progress)))
 
     def iter_windows(self, stream_id: str, start: int = 0, batch: int = 32) -> Iterator[StoredWindow]:
         with self._lock:

@@ -34,6 +34,7 @@ class PendingWrite:
     fields: dict | None = None
     state: bytes | None = None
     covers: int | None = None  # with a state: the newest window index it holds the effects of
+    blobs: dict[str, bytes] | None = None  # the window's side data (its picture), in the same write
 
 
 class StoreWriter:
@@ -101,7 +102,7 @@ class StoreWriter:
                 self.store.save_state(w.stream_id, w.index, w.state or b"")
             else:
                 self.store.append_window(w.stream_id, w.index, w.payload, media_start=w.media_start,
-                                         media_end=w.media_end, fields=w.fields, state=w.state)
+                                         media_end=w.media_end, fields=w.fields, state=w.state, blobs=w.blobs)
         except (WindowOrderError, ValueError, TypeError) as exc:  # can never land: say so, move on
             log.error("stream %s window %d not stored: %s", w.stream_id, w.index, exc)
             return True

@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import io
 import logging
-import queue
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 __all__ = ["VIZ_KIND", "RawSide", "raw_side", "build_record", "encode_record", "decode_record",
-           "store_viz", "overlay", "side_by_side", "render_frames", "render_audio", "frames_png", "audio_png",
-           "png_bytes", "stack_panels", "thumbnail", "envelope", "POSTER"]
+           "window_record", "overlay", "side_by_side", "render_frames", "render_audio", "frames_png", "audio_png",
+           "png_bytes", "stack_panels", "thumbnail", "envelope"]
 
 log = logging.getLogger(__name__)
 
@@ -141,59 +139,18 @@ def decode_record(data: bytes) -> dict[str, Any]:
     return out
 
 
-class _Poster:
-    """Writes picture records to the store off the encoder's loop, so a slow or absent store
-    delays pictures, never windows; a full queue drops the picture (bounded memory)."""
-
-    def __init__(self, maxsize: int = 64) -> None:
-        self.q: queue.Queue = queue.Queue(maxsize)
-        self.thread: threading.Thread | None = None
-        self.lock = threading.Lock()
-
-    def post(self, store: Any, stream_id: str, index: int, data: bytes) -> bool:
-        with self.lock:
-            if self.thread is None or not self.thread.is_alive():
-                self.thread = threading.Thread(target=self._run, name="window-viz", daemon=True)
-                self.thread.start()
-        try:
-            self.q.put_nowait((store, stream_id, index, data))
-            return True
-        except queue.Full:
-            log.warning("stream %s window %d: picture dropped (store behind)", stream_id, index)
-            return False
-
-    def _run(self) -> None:
-        while True:
-            store, sid, index, data = self.q.get()
-            try:
-                store.put_blob(sid, index, VIZ_KIND, data)
-                log.debug("stream %s window %d: picture stored (%d bytes)", sid, index, len(data))
-            except Exception as e:  # a deleted stream, a store outage: the picture is lost
-                log.warning("stream %s window %d: picture not stored: %r", sid, index, e)
-            finally:
-                self.q.task_done()
-
-    def join(self) -> None:
-        """Wait until every posted record was written or given up (tests)."""
-        self.q.join()
-
-
-POSTER = _Poster()
-
-
-def store_viz(store: Any, stream_id: str, enc: Any, out: Any, raw: RawSide | None, timing: Any) -> dict[str, Any]:
-    """Best effort: build the window's picture record and hand it to the store in the
-    background; returns the scalars it adds to the window's fields (video ratio, gap flags).
-    A failure costs the picture, never the window."""
+def window_record(enc: Any, out: Any, raw: RawSide | None, timing: Any) -> tuple[dict[str, Any], bytes | None]:
+    """The scalars a window's picture adds to its stored fields (video ratio, gap flags) and its
+    picture record's bytes, which the encoder stores with the window in the same write (kind
+    ``VIZ_KIND``). Best effort: a failure costs the picture (None), never the window."""
     extra: dict[str, Any] = {"video_ratio": round(float(out.video_ratio), 4)}
     if raw is not None:
         extra.update(raw.flags)
     try:
-        POSTER.post(store, stream_id, int(enc.index), encode_record(build_record(enc, out, raw, timing.start,
-                                                                                 timing.end)))
+        return extra, encode_record(build_record(enc, out, raw, timing.start, timing.end))
     except Exception as e:
-        log.warning("stream %s window %s: no picture: %r", stream_id, getattr(enc, "index", "?"), e)
-    return extra
+        log.warning("window %s: no picture: %r", getattr(enc, "index", "?"), e)
+        return extra, None
 
 
 # --- drawing -----------------------------------------------------------------------------
