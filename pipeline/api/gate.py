@@ -37,6 +37,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.core.config import parse_bool
+
 __all__ = ["ApiGate", "GateSettings", "TokenBucket", "gate_settings", "parse_keys", "tenant", "tenant_of",
            "OPEN_PATHS", "loopback_host", "loopback_origin"]
 
@@ -376,7 +378,7 @@ def gate_settings(given: Mapping[str, Any] | None = None, environ: Mapping[str, 
     try:
         return GateSettings(
             api_keys=parse_keys(keys),
-            insecure=bool(g.get("insecure", env.get("OMNIZIP_INSECURE", "").strip().lower() in ("1", "true", "yes"))),
+            insecure=bool(g.get("insecure", parse_bool(env.get("OMNIZIP_INSECURE", ""), "OMNIZIP_INSECURE"))),
             max_body_bytes=int(g.get("max_body_bytes", env.get("OMNIZIP_MAX_BODY_BYTES", 1 << 20))),
             requests_per_s=float(g.get("requests_per_s", env.get("OMNIZIP_REQUESTS_PER_S", 20.0))),
             request_burst=int(g.get("request_burst", env.get("OMNIZIP_REQUEST_BURST", 40))),

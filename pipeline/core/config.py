@@ -11,7 +11,22 @@ from typing import Any
 
 from pipeline.core.queues import BEHIND_POLICIES, QueuePolicy
 
-__all__ = ["ServiceConfig"]
+__all__ = ["ServiceConfig", "parse_bool"]
+
+
+_TRUE = frozenset({"1", "true", "yes", "on", "t", "y"})
+_FALSE = frozenset({"0", "false", "no", "off", "f", "n", ""})
+
+
+def parse_bool(raw: str, name: str) -> bool:
+    """An ``OMNIZIP_*`` boolean, read one way everywhere (the engine's settings, the front door's,
+    and pydantic's for the CLI accept the same words); anything else is a ValueError naming it."""
+    word = str(raw).strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ValueError(f"{name}={raw!r} is not a boolean: use 1/true/yes/on or 0/false/no/off")
 
 
 @dataclass
@@ -110,7 +125,7 @@ class ServiceConfig:
                 if raw == "" and default is None:
                     kw[f.name] = None
                 elif isinstance(default, bool):
-                    kw[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
+                    kw[f.name] = parse_bool(raw, f"OMNIZIP_{f.name.upper()}")
                 elif isinstance(default, int) or f.name in ("retention_windows", "torch_threads", "max_encoder_workers",
                                                              "max_decoder_actors", "decoder_memory_bytes"):
                     kw[f.name] = int(raw)
