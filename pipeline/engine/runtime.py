@@ -6,6 +6,7 @@ which import this module)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -52,9 +53,11 @@ class StoreRef:
             return open_store(self.url, self.retention)
         if self.actor is None:
             raise ValueError("StoreRef needs a Redis URL or a store actor's name")
-        handle = self.handle
-        if handle is None:
-            raise ValueError(f"no store actor named {self.actor!r}")
+        deadline = time.monotonic() + 30.0  # a name just registered may take a moment to be found
+        while (handle := self.handle) is None:
+            if time.monotonic() > deadline:
+                raise ValueError(f"no store actor named {self.actor!r}")
+            time.sleep(0.1)
         return RemoteStore(handle)
 
 

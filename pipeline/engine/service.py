@@ -48,10 +48,11 @@ class StreamService(EngineLife, PoolScaling):
         c = self.cfg
         self.names = runtime.ActorNames.of(c)
         retention = Retention(c.retention_windows, c.retention_s)
-        if not c.redis_url:
-            runtime.store_actor(retention, c.detached, self.names.store())
         self.store_ref = runtime.StoreRef(c.redis_url, None if c.redis_url else self.names.store(), retention)
-        self.store = self.store_ref.connect(fail_fast=True)  # the API answers 503 within seconds
+        if c.redis_url:
+            self.store = self.store_ref.connect(fail_fast=True)  # the API answers 503 within seconds
+        else:  # the in-process store's actor: its handle here, its name for the actors (survives restarts)
+            self.store = runtime.RemoteStore(runtime.store_actor(retention, c.detached, self.names.store()))
         grace = max(3 * c.scale_interval_s, 3.0)  # a member away longer is gone: its streams move
         self.encoders = Pool("encoder", self._bounds("encoder"),
                              lambda i: launch.start_encoder(self.names.encoder(i), c, self.store_ref), grace)
