@@ -246,6 +246,22 @@ def test_viz_draws_a_clip_without_ray(tmp_path: Path) -> None:
         assert frames == 8 and v.codec_context.name == "h264" and c.streams.audio
 
 
+def listeners(port: int) -> list[str]:
+    """The local addresses listening on TCP ``port`` (from /proc/net/tcp and tcp6)."""
+    import ipaddress
+
+    out = []
+    for table, width in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, hexport = local.split(":")
+            if state == "0A" and int(hexport, 16) == port:
+                raw = bytes.fromhex(addr)
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # little-endian words
+                out.append(str(ipaddress.ip_address(raw[:width])))
+    return out
+
+
 def test_serve_answers_the_console_and_cleans_up_on_sigterm() -> None:
     import signal
     import socket
@@ -255,8 +271,11 @@ def test_serve_answers_the_console_and_cleans_up_on_sigterm() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        metrics_port = sock.getsockname()[1]
     p = subprocess.Popen([sys.executable, "-m", "pipeline.cli.main", "serve", "--port", str(port), "--json",
-                          "--api-key", "cli-test-key-0123456789"],
+                          "--api-key", "cli-test-key-0123456789", "--metrics-port", str(metrics_port)],
                          cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = p.stdout.readline()  # one JSON line once it listens
@@ -267,6 +286,12 @@ def test_serve_answers_the_console_and_cleans_up_on_sigterm() -> None:
         page = requests.get(info["console"], timeout=60)
         assert page.status_code == 200 and "OmniZip-Stream console" in page.text
         assert requests.get(info["url"] + "/v1/streams", timeout=60).status_code == 401
+        # the metrics agent of the command's own Ray listens on loopback only (its labels name streams)
+        deadline = time.monotonic() + 60
+        while not (bound := listeners(metrics_port)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert bound and all(addr == "127.0.0.1" for addr in bound), bound
+        assert requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).status_code == 200
     finally:
         p.send_signal(signal.SIGTERM)
         out, err = p.communicate(timeout=120)

@@ -225,3 +225,62 @@ def test_failing_source_fails_only_its_stream(svc: Any, tmp_path: Any) -> None:
     assert wait(svc, good, ended, 60, "the end")["status"] == "ended"
     health = ray.get(svc.health.remote())
     assert health["ok"] and health["streams"] >= 2
+
+
+def stream_series(port: int, sid: str) -> dict[str, float]:
+    """The omnizip_* series of stream ``sid`` in a real scrape of Ray's metrics agent."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+            if s.name.startswith("omnizip_") and s.labels.get("stream") == sid}
+
+
+def test_a_deleted_streams_metrics_leave_the_export(svc: Any, ray_session: dict) -> None:
+    """Not left at their last value (the decoder and encoder re-recorded them forever), nor 0
+    for good: gone from the scrape once Ray's exporter lets a series go."""
+    import ray
+    port = ray_session["metrics_port"]
+    sid = ray.get(svc.create_stream.remote({"source": lavfi(30), "realtime": True}))["id"]
+    wait(svc, sid, lambda st: st["windows"] >= 2, 90, "two windows")
+    deadline = time.monotonic() + 60
+    while stream_series(port, sid).get("omnizip_context_tokens", 0) <= 0 and time.monotonic() < deadline:
+        time.sleep(1.0)
+    assert stream_series(port, sid).get("omnizip_context_tokens", 0) > 0, stream_series(port, sid)
+    ray.get(svc.delete_stream.remote(sid))
+    deadline = time.monotonic() + 90
+    while (left := stream_series(port, sid)) and time.monotonic() < deadline:
+        time.sleep(1.0)
+    assert left == {}, left
+
+
+def test_ended_streams_per_key_are_bounded_oldest_first(ray_session: dict, redis_server: Any, tmp_path: Any) -> None:
+    """A key's ended streams are kept up to max_ended_per_key, the oldest forgotten first with
+    their store keys (the review saw 29 records of one key after 20 short streams)."""
+    import ray
+
+    from pipeline.engine.service import get_or_create_service, shutdown_service
+    config = {**engine_config(redis_server.url), "name": "eng-ended", "max_ended_per_key": 2}
+    handle = get_or_create_service(config)
+    r = redis.Redis.from_url(redis_server.url, socket_timeout=10)
+    try:
+        assert healthy(handle)["ok"]
+        ids = []
+        for k in range(4):
+            ids.append(ray.get(handle.create_stream.remote({"source": lavfi(2, 300 + k)}, owner="tenant-a"))["id"])
+            wait(handle, ids[-1], ended, 120, "the end of a short stream")
+        ray.get(handle.forget_ended.remote())
+        kept = [s["id"] for s in ray.get(handle.list_streams.remote(owner="tenant-a"))]
+        assert kept == ids[2:], (kept, ids)
+        for sid in ids[:2]:
+            assert r.keys(f"omnizip:{{{sid}}}:*") == []
+        other = ray.get(handle.create_stream.remote({"source": lavfi(2, 400)}, owner="tenant-b"))["id"]
+        wait(handle, other, ended, 120, "another key's stream")
+        ray.get(handle.forget_ended.remote())
+        assert {s["id"] for s in ray.get(handle.list_streams.remote())} >= {other, *ids[2:]}  # per key
+    finally:
+        r.close()
+        shutdown_service(handle)

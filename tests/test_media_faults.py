@@ -154,7 +154,7 @@ def _run(svc: Any, path: Path) -> dict:
 
     from tests.test_engine_service import ended, wait
     sid = ray.get(svc.create_stream.remote({"source": str(path)}))["id"]
-    st = wait(svc, sid, ended, 240, "the end")
+    wait(svc, sid, ended, 240, "the end")
     return wait(svc, sid, lambda s: s["status"] in ("ended", "failed") and s["windows"] == s["windows_total"]
                 - s["dropped"], 60, "all windows in context")
 

@@ -97,3 +97,16 @@ def _apply(assigned: dict[str, int], moves: list[Move]) -> dict[str, int]:
         assert out[m.stream_id] == m.src
         out[m.stream_id] = m.dst
     return out
+
+
+def test_records_to_forget_bounds_each_owner_and_the_age() -> None:
+    from pipeline.core.records import StreamRecord, StreamSettings, records_to_forget
+
+    def rec(sid: str, owner: str, status: str, ended: float) -> StreamRecord:
+        return StreamRecord(sid, "x", StreamSettings({}, 4096), owner=owner, status=status, created=0.0,
+                            extra={"ended_at": ended})
+    recs = [rec("a1", "a", "ended", 10), rec("a2", "a", "failed", 20), rec("a3", "a", "ended", 30),
+            rec("a4", "a", "live", 0), rec("b1", "b", "ended", 5)]
+    assert records_to_forget(recs, 2, 1e9, now=100) == ["a1"]
+    assert records_to_forget(recs, 5, 80, now=100) == ["b1", "a1"]  # older than 80 s, oldest first
+    assert records_to_forget(recs, 1, 1e9, now=100) == ["a1", "a2"]  # a live stream is never counted

@@ -14,7 +14,6 @@ import asyncio
 import concurrent.futures
 import json
 import socket
-import subprocess
 import threading
 from pathlib import Path
 

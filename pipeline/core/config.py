@@ -63,6 +63,8 @@ class ServiceConfig:
     # --- limits (docs/security.md) ---
     max_streams: int = 64  # running streams in all
     max_streams_per_key: int = 16  # running streams of one API key (tenant)
+    max_ended_per_key: int = 32  # ended/failed streams one key keeps (their windows and records); oldest go first
+    ended_retention_s: float = 7 * 86400.0  # ... and at most this long after they ended
     max_context_tokens: int = 32768  # a stream's context budget at most (the model's position range)
     max_questions_per_stream: int = 2  # questions answered or waiting on one stream; more get 429
     max_probes: int = 8  # source probes running at once in all (their own threads); more get 429
@@ -83,10 +85,13 @@ class ServiceConfig:
         for name in ("encoder_workers", "decoder_actors", "max_batch", "queue_windows", "context_tokens",
                      "max_streams", "max_streams_per_key", "max_context_tokens", "max_questions_per_stream",
                      "store_buffer_windows", "streams_per_worker", "max_probes", "max_probes_per_key",
-                     "rebuild_attempts"):
+                     "rebuild_attempts", "max_ended_per_key"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"ServiceConfig.{name} must be an integer >= 1, got {v!r}")
+        if isinstance(self.ended_retention_s, bool) or not isinstance(self.ended_retention_s, (int, float)) \
+                or not self.ended_retention_s > 0:
+            raise ValueError(f"ServiceConfig.ended_retention_s must be a number > 0, got {self.ended_retention_s!r}")
         if self.behind_policy not in BEHIND_POLICIES:
             raise ValueError(f"ServiceConfig.behind_policy must be one of {list(BEHIND_POLICIES)}, "
                              f"got {self.behind_policy!r}")

@@ -23,7 +23,7 @@ from omnizip.spec import METHOD_NAMES, MethodSpec
 
 from pipeline.redact import has_control_chars
 
-__all__ = ["OmniZipSettings", "Strict", "StreamRecord", "StreamSettings", "StreamSpec", "validation_message",
+__all__ = ["OmniZipSettings", "Strict", "ended_at", "records_to_forget", "StreamRecord", "StreamSettings", "StreamSpec", "validation_message",
            "DEFAULT_METHOD", "MIN_CONTEXT_TOKENS", "smallest_context_tokens", "window_token_bound"]
 
 DEFAULT_METHOD = "omnizip"
@@ -244,3 +244,26 @@ class StreamRecord:
         kw["size"] = tuple(kw["size"]) if kw.get("size") else None
         kw["backpressure"] = bool(kw.get("backpressure"))
         return cls(settings=settings, extra={k: v for k, v in d.items() if k not in names}, **kw)
+
+
+def records_to_forget(records: list[StreamRecord], max_per_owner: int, max_age_s: float, now: float) -> list[str]:
+    """The ended and failed streams to forget, oldest first: those ended longer than
+    ``max_age_s`` ago, and beyond the newest ``max_per_owner`` of each owner. Pure: the engine
+    deletes them (record, windows, state, pictures) in its rounds and before a create."""
+    over: dict[str, list[StreamRecord]] = {}
+    for r in records:
+        if r.status in ("ended", "failed"):
+            over.setdefault(r.owner, []).append(r)
+    out: list[tuple[float, str]] = []
+    for recs in over.values():
+        recs.sort(key=ended_at, reverse=True)  # newest first
+        for k, r in enumerate(recs):
+            if k >= max_per_owner or now - ended_at(r) > max_age_s:
+                out.append((ended_at(r), r.id))
+    return [sid for _, sid in sorted(out)]
+
+
+def ended_at(rec: StreamRecord) -> float:
+    """When the stream ended (the ingest writes it), else when it was created (older records)."""
+    value = rec.extra.get("ended_at")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float(rec.created)

@@ -313,6 +313,9 @@ class DecoderActor:
 
     # -- control --
     def forget(self, stream_id: str) -> bool:
+        """Drop a deleted stream's context, and this process's metric series of it (so they
+        leave the export instead of being re-recorded at their last value)."""
+        self.metrics.forget_stream(stream_id)
         with self._init_lock, self.cond:
             self.queues.forget(stream_id)
             return self.streams.pop(stream_id, None) is not None

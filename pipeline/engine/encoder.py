@@ -376,6 +376,7 @@ class EncoderWorker:
     def forget(self, stream_id: str) -> bool:
         """Drop everything of a deleted stream (queue, compressor)."""
         self.writer.forget(stream_id)
+        self.metrics.forget_stream(stream_id)  # this process's series of it (no re-recording)
         with self.cond:
             self.queues.forget(stream_id)
             self._backlogs.pop(stream_id, None)

@@ -98,6 +98,7 @@ class IngestActor:
         changes: dict[str, Any] = {"status": status, "error": error, "progress": self.st.to_dict()}
         if status in ("ended", "failed"):  # the record keeps the final figures once this actor is gone
             changes["ingest"] = {**self.st.to_dict(), "done": True}
+            changes["ended_at"] = time.time()  # the ended-streams retention counts from here
         self._record(changes)
 
     def _note_progress(self) -> None:

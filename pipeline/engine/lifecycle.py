@@ -117,10 +117,14 @@ class EngineLife:
         """Every 2 s: a running stream the store no longer knows (Redis restarted empty) has its
         record written back, so its actors' buffered writes land again; a deleted one is gone
         from ``known`` already. Nothing is orphaned: the engine holds every running stream."""
+        rounds = 0
         while True:
             await asyncio.sleep(2.0)
+            rounds += 1
             try:
                 await self._restore_missing({r["id"] for r in await runtime.store_call(self.store.list_streams)})
+                if rounds % 30 == 0:  # every minute: ended streams past their bound or retention go
+                    await self.forget_ended()
             except Exception as exc:  # the store is away: next round
                 log.debug("restore watchdog: %s", exc)
 

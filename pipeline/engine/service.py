@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -26,7 +27,7 @@ from pipeline.engine.elastic import Pool
 from pipeline.engine.memory import model_kv_bytes_per_token
 from pipeline.metrics import get_metrics
 from pipeline.core.pool import Bounds, MemoryFull, context_bytes, least_loaded, place_by_memory
-from pipeline.core.records import StreamRecord, StreamSpec, smallest_context_tokens
+from pipeline.core.records import StreamRecord, StreamSpec, records_to_forget, smallest_context_tokens
 from pipeline.errors import LimitExceeded, NameTaken, StoreUnavailable
 from pipeline.core.stats import DecoderStats, EncoderStats, IngestStats, stream_status
 from pipeline.store.contract import Retention, StreamNotFound, WindowSpan
@@ -137,6 +138,7 @@ class StreamService(EngineLife, PoolScaling):
             self.policy.check_rtsp_transport(str((parsed.options or {}).get("rtsp_transport", "tcp")), parsed.source)
         await self._reattach()
         async with self._creating:
+            await self.forget_ended()  # a key's ended streams stay bounded however many it starts
             running = [r for r in await self._records()  # this engine's (engines of other names may share a Redis)
                        if r.status not in ("ended", "failed") and r.extra.get("engine", self.cfg.name) == self.cfg.name]
             mine = [r for r in running if r.owner == owner]
@@ -230,7 +232,24 @@ class StreamService(EngineLife, PoolScaling):
                              retention=(self.cfg.retention_windows, self.cfg.retention_s is not None))
 
     async def delete_stream(self, stream_id: str, owner: str | None = None) -> bool:
-        rec = await self._record(stream_id, owner)
+        return await self._drop(await self._record(stream_id, owner))
+
+    async def forget_ended(self, records: list[StreamRecord] | None = None) -> list[str]:
+        """Forget the ended and failed streams past the per-key bound or the retention time
+        (pipeline.core.records.records_to_forget): record, windows, state, pictures, metrics."""
+        recs = await self._records() if records is None else records
+        gone = records_to_forget([r for r in recs if r.extra.get("engine", self.cfg.name) == self.cfg.name],
+                                 self.cfg.max_ended_per_key, self.cfg.ended_retention_s, time.time())
+        by_id = {r.id: r for r in recs}
+        for sid in gone:
+            try:
+                await self._drop(by_id[sid])
+            except Exception as exc:  # the store away: the next round tries again
+                log.warning("stream %s: not forgotten yet: %r", sid, exc)
+        return gone
+
+    async def _drop(self, rec: StreamRecord) -> bool:
+        stream_id = rec.id
         self.known.pop(stream_id, None)
         ing = self.ingest.pop(stream_id, None)
         if ing is not None:
