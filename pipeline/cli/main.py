@@ -80,10 +80,7 @@ def start_ray(metrics_port: int | None = None, log_level: str = "warning", addre
         return None
     kw: dict[str, Any] = {"_metrics_export_port": metrics_port} if metrics_port else {}
     temp = tempfile.mkdtemp(prefix=f"ray-oz{os.getpid()}-", dir="/tmp")  # short: Ray's socket paths are limited
-    # a one-machine Ray on loopback: its metrics agent (whose labels carry every tenant's stream
-    # ids) then listens on 127.0.0.1 only; a cluster's nodes are the operator's (docs/deploy.md)
     ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, object_store_memory=256 * 2**20,
-             _node_ip_address="127.0.0.1",
              _temp_dir=temp, logging_level=level, log_to_driver=forward, runtime_env=env, **kw)
     return temp
 

@@ -112,6 +112,9 @@ class StoreWriter:
         except Exception as exc:  # unreachable: wait in the buffer
             self._failed(w.stream_id, exc)
             return False
+        if w.payload is not None:
+            log.debug("stream %s window %d stored (%d bytes, side data: %s)", w.stream_id, w.index, len(w.payload),
+                      ", ".join(sorted(w.blobs or ())) or "none")
         if w.stream_id in self._failing:
             self._failing.discard(w.stream_id)
             self._on_recovered(w.stream_id)
