@@ -380,9 +380,10 @@ def test_streams_per_key_and_in_all_are_429(strict: dict) -> None:
 
 def test_requests_per_key_are_rate_limited_with_retry_after(strict: dict) -> None:
     c, a = Api(strict["url"], KEY_C), Api(strict["url"], strict["keys"][0])
-    codes = [c.get("/v1/streams").status_code for _ in range(BURST + 20)]
+    answers = [c.get("/v1/streams") for _ in range(BURST + 20)]
+    codes = [r.status_code for r in answers]
     assert codes[:BURST // 2] == [200] * (BURST // 2) and 429 in codes
-    r = c.get("/v1/streams")
+    r = answers[codes.index(429)]  # one of the loop's own refusals: a slow machine refills the bucket meanwhile
     assert err(r, 429)["type"] == "rate_limit_exceeded" and int(r.headers["Retry-After"]) >= 1
     assert a.get("/v1/streams").status_code == 200  # another key is not slowed down
     time.sleep(1.5)
