@@ -43,3 +43,36 @@ def test_an_outage_past_the_buffer_counts_unstored_and_the_stream_goes_on(ray_se
     finally:
         shutdown_service(handle)
         server.stop()
+
+
+def test_a_full_buffer_reports_its_loss_outside_its_own_lock() -> None:
+    """The loss callback takes the caller's lock; a caller that holds that lock while asking how
+    many writes wait (the encoder's status call) must still get an answer. Before, the callback
+    ran under the buffer's lock: the two threads deadlocked, the writer stopped for good and
+    every window after the outage went unstored (CI saw the store stuck at windows 0-1)."""
+    import threading
+
+    from pipeline.store.memory import MemoryStore
+    from pipeline.store.writer import PendingWrite, StoreWriter
+
+    callers_lock, in_callback, lost = threading.Lock(), threading.Event(), []
+
+    def on_lost(sid: str, index: int) -> None:
+        in_callback.set()
+        with callers_lock:
+            lost.append(index)
+
+    # the store does not know stream "s": every write waits in the buffer (capacity 1)
+    writer = StoreWriter(MemoryStore(), 1, lambda s, c: None, on_lost, lambda s: None, retry_s=0.05)
+    answered: list[int] = []
+    with callers_lock:
+        producer = threading.Thread(target=lambda: [writer.write(PendingWrite("s", i, b"w")) for i in range(2)],
+                                    daemon=True)
+        producer.start()
+        assert in_callback.wait(5.0)
+        asker = threading.Thread(target=lambda: answered.append(writer.waiting("s")), daemon=True)
+        asker.start()
+        asker.join(5.0)
+        assert answered == [1], "waiting() blocked while the loss callback waited for the caller's lock"
+    producer.join(5.0)
+    assert not producer.is_alive() and lost == [0]

@@ -54,17 +54,22 @@ class StoreWriter:
         threading.Thread(target=self._loop, name="store-writer", daemon=True).start()
 
     def write(self, w: PendingWrite) -> None:
-        """Queue a write (never blocks on the store)."""
+        """Queue a write (never blocks on the store). The windows it pushes out of a full buffer
+        are reported after the buffer's lock is released: the callback takes the caller's own
+        locks, and a caller holding one of them while it asks ``waiting`` would otherwise deadlock
+        with this thread (the encoder's status call did, during a store outage)."""
+        lost: list[PendingWrite] = []
         with self._cond:
             if w.stream_id in self._gone:
                 return
             q = self._queues.setdefault(w.stream_id, deque())
             q.append(w)
             while len(q) > self.capacity:
-                lost = q.popleft()
-                if lost.payload is not None:
-                    self._on_lost(lost.stream_id, lost.index)
+                lost.append(q.popleft())
             self._cond.notify()
+        for x in lost:
+            if x.payload is not None:
+                self._on_lost(x.stream_id, x.index)
 
     def forget(self, stream_id: str) -> None:
         """A deleted stream: its waiting writes go, later ones are ignored."""
