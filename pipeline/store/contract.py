@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.errors import StoreUnavailable
+from pipeline.store.watch_store import WatchStoreContract
 
 __all__ = [
     "Retention", "StoredWindow", "StoredState", "StreamStore", "StoreError", "StreamNotFound",
@@ -170,8 +171,8 @@ def _check_spec(spec: Mapping[str, Any], what: str) -> dict[str, Any]:
         raise TypeError(f"{what} must be JSON-serialisable: {e}") from None
 
 
-class StreamStore(ABC):
-    """The contract both stores keep. Every write is idempotent where a retry can repeat it."""
+class StreamStore(WatchStoreContract, ABC):
+    """The contract both stores keep (watches, events and their outbox: pipeline.store.watch_store). Every write is idempotent where a retry can repeat it."""
 
     retention: Retention
 

@@ -11,11 +11,12 @@ from typing import Any
 
 from pipeline.store.contract import (Retention, Scalar, StoredState, StoredWindow, StreamExists, StreamNotFound,
                                      StreamStore, WindowOrderError, _check_blob, _check_blobs, _check_id, _check_window)
+from pipeline.store.watch_store import MemoryWatches
 
 __all__ = ["MemoryStore"]
 
 
-class MemoryStore(StreamStore):
+class MemoryStore(MemoryWatches, StreamStore):
     """In-process store with the same semantics as :class:`RedisStore` (thread-safe). Data
     lives as long as the process: the embedded default for single-process use and tests."""
 
@@ -68,6 +69,7 @@ class MemoryStore(StreamStore):
             self._last_id.pop(stream_id, None)
             self._states.pop(stream_id, None)
             self._blobs.pop(stream_id, None)
+            self._forget_watches(stream_id)
             return self._specs.pop(stream_id, None) is not None
 
     def append_window(self, stream_id: str, index: int, payload: bytes, *, media_start: float,

@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 from pipeline.store.contract import (Retention, Scalar, StoredState, StoredWindow, StoreRefused, StreamExists,
                                      StreamNotFound, StreamStore, WindowOrderError, WindowSpan, _check_blob, _check_blobs,
                                      _check_id, _check_window)
+from pipeline.store.watch_redis import OUTBOX_SET, RedisWatches
+from pipeline.store.watch_store import WATCH_KEYS
 
 __all__ = ["RedisStore", "evicting", "refusal"]
 
@@ -163,7 +165,7 @@ return 1
 """
 
 
-class RedisStore(StreamStore):
+class RedisStore(RedisWatches, StreamStore):
     """Store in a real Redis (>= 6.2). Survives a Redis restart: every command is retried with
     exponential backoff on connection errors and while Redis is still loading its data, and the
     writes that a retry can repeat (create, append) are idempotent. Durability of accepted data
@@ -325,11 +327,12 @@ class RedisStore(StreamStore):
 
     @_writes
     def delete_stream(self, stream_id: str) -> bool:
-        keys = [self._k(stream_id, w) for w in ("spec", "windows", "state", "blobs", "blobidx", "progress")]
+        keys = [self._k(stream_id, w) for w in ("spec", "windows", "state", "blobs", "blobidx", "progress", *WATCH_KEYS)]
         pipe = self._r.pipeline(transaction=True)
         pipe.delete(keys[0])
         pipe.delete(*keys[1:])
         pipe.srem(self.REGISTRY, stream_id)
+        pipe.srem(OUTBOX_SET, stream_id)
         existed = pipe.execute()[0]
         return bool(existed)
 
