@@ -69,6 +69,17 @@ class ServiceConfig:
     max_questions_per_stream: int = 2  # questions answered or waiting on one stream; more get 429
     max_probes: int = 8  # source probes running at once in all (their own threads); more get 429
     max_probes_per_key: int = 2  # source probes running at once for one API key; more get 429
+    # --- watches and webhooks (pipeline.core.watches, pipeline.engine.watches, pipeline.engine.webhooks) ---
+    max_watches_per_stream: int = 16  # standing questions on one stream; more get 429
+    max_watches_per_key: int = 64  # ... over all streams of one API key
+    watch_batch: int = 16  # due yes_no watches (of several streams) evaluated in one forward at most
+    watch_events_max: int = 10000  # events kept per stream (a bounded log; SSE and pages read it)
+    webhook_allow: str = ""  # "loopback": webhooks may go to this machine (tests); off by default
+    webhook_hosts: str = ""  # as source_hosts, for webhook destinations (a CIDR lets a private network in)
+    webhook_timeout_s: float = 10.0  # one delivery attempt: connect + response
+    webhook_retry_s: float = 2.0  # first retry after this; doubling, at most webhook_retry_max_s
+    webhook_retry_max_s: float = 900.0
+    webhook_disable_after_s: float = 6 * 3600.0  # an endpoint failing this long is disabled
     store_buffer_windows: int = 32  # per stream, windows waiting for an unreachable store (64 s)
     decoder_memory_bytes: int | None = None  # context memory one decoder admits (KV of its streams'
     #   budgets); None: a quarter of its node's memory, or 60 % of its GPU's left after the model
@@ -92,6 +103,9 @@ class ServiceConfig:
         if isinstance(self.ended_retention_s, bool) or not isinstance(self.ended_retention_s, (int, float)) \
                 or not self.ended_retention_s > 0:
             raise ValueError(f"ServiceConfig.ended_retention_s must be a number > 0, got {self.ended_retention_s!r}")
+        from pipeline.core.watches import check_watch_settings
+
+        check_watch_settings(self)  # ValueError naming the setting
         if self.behind_policy not in BEHIND_POLICIES:
             raise ValueError(f"ServiceConfig.behind_policy must be one of {list(BEHIND_POLICIES)}, "
                              f"got {self.behind_policy!r}")

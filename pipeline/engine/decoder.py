@@ -32,6 +32,7 @@ from pipeline.core.records import StreamRecord
 from pipeline.engine.memory import default_memory_bytes, dtype_bytes, text_kv_bytes_per_token
 from pipeline.engine.rebuild import FAILED_KEY, RebuildGuard, RebuildRefused, rebuild_from_store
 from pipeline.engine.runtime import NAMESPACE, ActorNames, StoreRef, resolve_device, use_threads
+from pipeline.engine.watches import WatchRunner
 from pipeline.core.stats import DecoderStats
 from pipeline.errors import LimitExceeded
 from pipeline.store.contract import StreamNotFound
@@ -84,9 +85,12 @@ class DecoderActor:
         self.kv_per_token = text_kv_bytes_per_token(self.model.text_config, dtype_bytes(self.model.dtype, self.device))
         self.memory_bytes = config.decoder_memory_bytes or default_memory_bytes(self.device)
         self._init_lock = threading.Lock()
+        self.watch = WatchRunner(self.model, self.store, self.metrics, batch=config.watch_batch,  # standing questions
+                                 max_events=config.watch_events_max, max_lag_s=config.max_lag_s,
+                                 context=self._watch_context)
         # take -> run -> update (pipeline.core.stage), one window at a time; drop counts saved after each step
         self.core: StageCore[CompressedItem] = StageCore(name, self.queues, self.cond, 1, self._run,
-                                                         after=self._save_drops, gauge=self._gauge)
+                                                         after=self._after_step, gauge=self._gauge)
         threading.Thread(target=self.core.run_forever, name=f"{name}-loop", daemon=True).start()
 
     # -- streams --
@@ -117,6 +121,7 @@ class DecoderActor:
             st.saved_drops = self.queues.drops(sid)
             self.metrics.set_context_tokens(sid, ctx.n_tokens)
             self.streams[sid] = st
+            self.watch.load(sid)
             return st
 
     def _rebuild(self, sid: str, rec: StreamRecord, st: _Stream) -> None:
@@ -193,6 +198,8 @@ class DecoderActor:
             st = self.streams.get(item.stream_id)
             try:
                 if st is not None:
+                    if self.watch.has_pending(item.stream_id):  # its watches see the context of their window
+                        self._flush_watches()
                     with st.lock:
                         self._append(item.stream_id, st, item)
             except Exception:
@@ -232,6 +239,7 @@ class DecoderActor:
             now = time.time()
             self.metrics.observe_stage("prefill", time.perf_counter() - t)
             st.last, st.timing = it.index, it.timing
+            self.watch.appended(sid, it)
             lag = it.lag(now)
             if lag is not None:
                 st.latencies.append(lag)
@@ -240,6 +248,34 @@ class DecoderActor:
         with self.cond:
             st.skipped = {i for i in st.skipped if i > st.last}
         self.metrics.set_context_tokens(sid, st.ctx.n_tokens)
+
+    def _after_step(self) -> None:
+        """Drop counts saved; pending watch evaluations run once no window waits (so several
+        streams' share one forward) or a batch is full (pipeline.engine.watches)."""
+        self._save_drops()
+        with self.cond:
+            more = self.queues.has_work()
+        if self.watch.has_pending() and (not more or len(self.watch.pending) >= self.watch.batch):
+            self._flush_watches()
+
+    def _flush_watches(self) -> None:
+        with self.cond:
+            _, lag = self.queues.live_load(time.time())
+        try:
+            self.watch.flush(lag)
+        except Exception:
+            log.exception("%s: watch evaluations failed", self.name)
+
+    def _watch_context(self, sid: str) -> tuple[Any, Any] | None:
+        st = self.streams.get(sid)
+        return None if st is None else (st.lock, st.ctx)
+
+    def watches_changed(self, stream_id: str) -> int:
+        """A watch was added or deleted: re-read the stream's watches (if it is held here)."""
+        return self.watch.load(stream_id) if stream_id in self.streams else 0
+
+    def watch_states(self, stream_id: str) -> dict[str, dict]:
+        return self.watch.states(stream_id)
 
     def _gauge(self) -> None:
         self.metrics.set_queue_depth(f"decoder:{self.name}", self.queues.depth())
@@ -316,6 +352,7 @@ class DecoderActor:
         """Drop a deleted stream's context, and this process's metric series of it (so they
         leave the export instead of being re-recorded at their last value)."""
         self.metrics.forget_stream(stream_id)
+        self.watch.forget(stream_id)
         with self._init_lock, self.cond:
             self.queues.forget(stream_id)
             return self.streams.pop(stream_id, None) is not None
@@ -328,6 +365,7 @@ class DecoderActor:
             if st is not None:
                 with st.lock:
                     pass
+            self.watch.forget(stream_id)
             with self.cond:
                 self.queues.close(stream_id)
                 return self.streams.pop(stream_id, None) is not None
