@@ -24,7 +24,6 @@ import http.client
 import json
 import socket
 import ssl
-import time
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +31,7 @@ from typing import Any
 from pipeline.core.watches import webhook_url_problem
 from pipeline.errors import SourceRefused
 
-__all__ = ["Attempt", "DeliveryPolicy", "MAX_RESPONSE_BYTES", "WebhookRefused", "judge", "next_delivery_state",
+__all__ = ["Attempt", "DeliveryPolicy", "MAX_RESPONSE_BYTES", "WebhookRefused", "due", "judge", "next_delivery_state",
            "post_event", "webhook_policy"]
 
 MAX_RESPONSE_BYTES = 4096
@@ -97,7 +96,7 @@ class _Pinned(http.client.HTTPConnection):
 
 
 class _PinnedTLS(_Pinned):
-    default_port = 443
+    """HTTPS to the judged addresses, the certificate checked against the URL's host."""
 
     def connect(self) -> None:
         self.sock = ssl.create_default_context().wrap_socket(self._sock(), server_hostname=self.host)
@@ -172,8 +171,5 @@ def next_delivery_state(state: dict[str, Any], attempt: Attempt, now: float, p: 
 
 
 def due(state: dict[str, Any], now: float) -> bool:
+    """Whether a watch's endpoint may be tried at ``now`` (active, its backoff over)."""
     return state.get("status", "active") == "active" and float(state.get("next_at") or 0.0) <= now
-
-
-def monotonic_s() -> float:
-    return time.monotonic()
