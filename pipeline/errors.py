@@ -40,7 +40,7 @@ class SourceRefused(UnsupportedSourceError):
     scheme, control-char, url:invalid, host:loopback, host:link-local, host:unspecified,
     host:multicast, host:reserved, host:invalid, host:not-allowed, resolve, file:not-allowed,
     file:outside-roots, file:special, device:not-allowed, lavfi:not-allowed, lavfi:filter,
-    option:not-allowed. A ValueError (and a pipeline.errors.SourceError): a client's mistake."""
+    option:not-allowed, push:not-allowed. A ValueError (and a pipeline.errors.SourceError): a client's mistake."""
 
     def __init__(self, rule: str, detail: str, url: str | None = None) -> None:
         self.rule, self._detail, self._url = rule, detail, url
@@ -80,3 +80,17 @@ class StreamFailed(Exception):
     about it is answered 409 naming the reason, not 404."""
 
     param = "stream_id"
+
+
+class PushRefused(Exception):
+    """A publisher's request on a push stream (WebRTC/WHIP) refused with its own HTTP status:
+    401 a missing or wrong publish token, 409 a second publisher, 413 an offer over the size
+    limit, 415 a body that is not SDP, 400 an offer that cannot be used (the message names why),
+    404 no such publishing session. ``param`` names what is wrong."""
+
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.param = int(status), param
+
+    def __reduce__(self) -> tuple:  # crosses Ray (pickled) with its own arguments
+        return (type(self), (self.status, str(self), self.param))

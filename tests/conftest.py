@@ -63,7 +63,9 @@ def serve_api(ray_session: dict[str, int], redis_server: RedisServer,
     # (lavfi graphs, files under pytest's temp dir, servers on 127.0.0.1) a default engine refuses
     config = {"model": "tiny", "device": "cpu", "redis_url": redis_server.url, "name": "httptest",
               "torch_threads": 1, "allow_sources": "file,lavfi,loopback",
-              "file_roots": str(tmp_path_factory.getbasetemp()), "source_hosts": "127.0.0.1"}
+              "file_roots": str(tmp_path_factory.getbasetemp()), "source_hosts": "127.0.0.1",
+              # push streams: ICE host candidates on loopback only (every packet stays on this machine)
+              "webrtc_addresses": "127.0.0.1", "push_grace_s": 8.0, "max_push_streams_per_key": 3}
     keys = ["test-key-alpha-0123456789", "test-key-bravo-0123456789"]
     serve.run(build_app(config, gate={"api_keys": keys, "requests_per_s": 1000.0, "request_burst": 1000}),
               name="omnizip", route_prefix="/")

@@ -34,7 +34,7 @@ def exported():
 
 def test_specs_cover_issue_5_and_share_the_prefix():
     names = {s.name for s in pm.SPECS}
-    assert all(n.startswith("omnizip_") for n in names) and len(names) == len(pm.SPECS) == 17
+    assert all(n.startswith("omnizip_") for n in names) and len(names) == len(pm.SPECS) == 29
     kinds = {s.name: s.kind for s in pm.SPECS}
     labels = {s.name: s.labels for s in pm.SPECS}
     assert kinds["omnizip_pool_members"] == kinds["omnizip_pool_min"] == kinds["omnizip_pool_max"] == "gauge"
@@ -70,6 +70,19 @@ def test_every_helper_lands_in_the_scrape(exported):
     m.set_pool("encoder", ready=2, starting=1, restarting=0, low=1, high=4)
     m.stream_moved("encoder")
     m.stream_moved("encoder", n=3)
+    m.push_publisher("cam2", True)
+    m.push_received("cam2", packets=120, nbytes=96000, lost=3)
+    m.push_received("cam2", packets=0, nbytes=0, lost=0)  # no traffic since: nothing added (Ray refuses 0)
+    m.push_frames("cam2", "decoded", 60)
+    m.push_frames("cam2", "kept", 16)
+    m.push_frames("cam2", "dropped", 1)
+    m.push_failure("ice")
+    m.watch_evaluated("yes_no")
+    m.watch_evaluated("yes_no", seconds=0.02)
+    m.watch_event("fired")
+    m.watch_skipped("behind_live")
+    m.webhook_delivery("failed")
+    m.set_webhook_pending(2)
     got = scrape(port)
 
     def v(metric, **labels):
@@ -92,6 +105,22 @@ def test_every_helper_lands_in_the_scrape(exported):
     assert v("omnizip_pool_members", pool="encoder", state="starting") == 1
     assert v("omnizip_pool_max", pool="encoder") == 4
     assert v("omnizip_stream_moves_total", pool="encoder") == 4
+    assert v("omnizip_push_publishers", stream="cam2") == 1
+    assert v("omnizip_push_packets_total", stream="cam2") == 120
+    assert v("omnizip_push_bytes_total", stream="cam2") == 96000
+    assert v("omnizip_push_packets_lost_total", stream="cam2") == 3
+    assert v("omnizip_push_frames_total", stream="cam2", outcome="kept") == 16
+    assert v("omnizip_push_failures_total", stage="ice") == 1
+    with pytest.raises(ValueError, match="outcome"):
+        m.push_frames("cam2", "lost", 1)
+    assert v("omnizip_watch_evaluations_total", kind="yes_no") == 1
+    assert v("omnizip_watch_evaluation_seconds_count", kind="yes_no") == 1
+    assert v("omnizip_watch_events_total", state="fired") == 1
+    assert v("omnizip_watch_skipped_total", reason="behind_live") == 1
+    assert v("omnizip_webhook_deliveries_total", outcome="failed") == 1
+    assert v("omnizip_webhook_pending") == 2
+    with pytest.raises(ValueError, match="state"):
+        m.watch_event("maybe")
     present = {name for name, _ in got}
     assert set(pm.exported_names()) <= present
 

@@ -10,6 +10,7 @@ Routes (README "HTTP API"):
   POST   /v1/chat/completions        OpenAI-compatible; `model` = stream id or name
   GET    /v1/models[/{id}]           the streams, as OpenAI models
   GET    /healthz                    200 when the engine answers and says it is ok, else 503 (details with a key)
+  POST   /v1/whip/{id} (+ OPTIONS, PATCH/DELETE on its session)   a push stream's publisher: pipeline.api.whip
   + per-window data and pictures, the source probe and the web console: pipeline.api.console
 
 The replica holds no model and no stream: it validates, forwards to the engine actor and turns
@@ -38,6 +39,8 @@ from ray import serve
 from pipeline.api.errors import ApiError, install_error_handlers, to_api_error
 from pipeline.api.gate import ApiGate, GateSettings, gate_settings, tenant
 from pipeline.api.console import ConsoleRoutes, install as install_console
+from pipeline.api.whip import WhipRoutes, absolute_ingest, install as install_whip
+from pipeline.api.watches import WatchRoutes, install as install_watches
 from pipeline.core.messages import AnswerEnd, AnswerStart, QuestionRoute
 from pipeline.api.models import (
     AskRequest, AskResponse, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
@@ -70,6 +73,8 @@ class _GateState:
 fastapi_app.add_middleware(ApiGate, settings_source=lambda: _GateState.settings)
 install_error_handlers(fastapi_app)
 install_console(fastapi_app)  # per-window data and pictures, source probe, the web console at /
+install_whip(fastapi_app)  # publishers of push streams (WHIP)
+install_watches(fastapi_app)  # standing questions, their events (JSON, SSE)
 
 
 def _sse(data: Any, event: str | None = None) -> str:
@@ -123,7 +128,7 @@ def _replica_id() -> str:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=100)
 @serve.ingress(fastapi_app)
-class OmniZipAPI(ConsoleRoutes):
+class OmniZipAPI(ConsoleRoutes, WhipRoutes, WatchRoutes):
     """One replica: validates requests and forwards them to the engine actor."""
 
     def __init__(self, config: Mapping[str, Any] | None = None, gate: Mapping[str, Any] | None = None) -> None:
@@ -252,16 +257,17 @@ class OmniZipAPI(ConsoleRoutes):
     @fastapi_app.post("/v1/streams", status_code=201, response_model=StreamStatus,
                       response_model_exclude_none=False, summary="Start watching a source")
     async def create_stream(self, body: CreateStreamRequest, request: Request) -> dict[str, Any]:
-        return await self._call("create_stream", body.to_spec(), owner=tenant(request))
+        return absolute_ingest(await self._call("create_stream", body.to_spec(), owner=tenant(request)), request)
 
     @fastapi_app.get("/v1/streams", response_model=StreamList, summary="Every stream's status")
     async def list_streams(self, request: Request) -> dict[str, Any]:
-        return {"streams": await self._call("list_streams", owner=tenant(request))}
+        return {"streams": [absolute_ingest(st, request) for st in await self._call("list_streams", owner=tenant(request))]}
 
     @fastapi_app.get("/v1/streams/{stream_id}", response_model=StreamStatus,
                      summary="One stream: status, lag, windows, tokens in/kept per modality")
     async def get_stream(self, stream_id: str, request: Request) -> dict[str, Any]:
-        return await self._call("get_stream", stream_id, stream_id=stream_id, owner=tenant(request))
+        return absolute_ingest(await self._call("get_stream", stream_id, stream_id=stream_id, owner=tenant(request)),
+                               request)
 
     @fastapi_app.delete("/v1/streams/{stream_id}", response_model=DeleteResponse,
                         summary="Stop a stream and drop its context")

@@ -82,8 +82,12 @@ def to_api_error(exc: BaseException, stream_id: str | None = None) -> ApiError:
         log.warning("engine unavailable, ref %s: %r", ref, cause)
         return ApiError(503, f"the engine is unavailable (restarting?); retry shortly; reference {ref}",
                         "service_unavailable", headers={"Retry-After": "1"})
-    from pipeline.errors import LimitExceeded, NameTaken, StoreUnavailable, StreamFailed
+    from pipeline.errors import LimitExceeded, NameTaken, PushRefused, StoreUnavailable, StreamFailed
     from pipeline.redact import redact
+
+    if isinstance(cause, PushRefused):
+        return ApiError(cause.status, _message(cause), _PUSH_TYPES.get(cause.status, "invalid_request_error"),
+                        cause.param, {"WWW-Authenticate": 'Bearer realm="whip"'} if cause.status == 401 else None)
 
     if isinstance(cause, StoreUnavailable):
         return ApiError(503, _message(cause), "service_unavailable",
@@ -101,6 +105,9 @@ def to_api_error(exc: BaseException, stream_id: str | None = None) -> ApiError:
     if isinstance(cause, (ValueError, TypeError)):
         return ApiError(400, redact(_message(cause)), param=getattr(cause, "param", None) or _rule_param(cause))
     return internal_error(exc, "engine error")
+
+
+_PUSH_TYPES = {401: "authentication_error", 404: "not_found", 409: "conflict"}
 
 
 def _rule_param(exc: BaseException) -> str | None:

@@ -40,12 +40,15 @@ from typing import Any
 from pipeline.core.config import parse_bool
 
 __all__ = ["ApiGate", "GateSettings", "TokenBucket", "gate_settings", "parse_keys", "tenant", "tenant_of",
-           "OPEN_PATHS", "loopback_host", "loopback_origin"]
+           "OPEN_PATHS", "PUBLISHER_PREFIX", "loopback_host", "loopback_origin"]
 
 # served without a key: the health check and the web console's static files (exact paths,
 # pipeline.api.console.CONSOLE_FILES); the console's own API calls carry the key
 OPEN_PATHS = frozenset({"/healthz", "/", "/console/console.js", "/console/console.css"})
 OPEN_METHODS = ("GET", "HEAD")  # an open path never reads a body
+# a push stream's publisher (WHIP, pipeline.api.whip) authenticates with the stream's publish
+# token, which the route checks; it is rate-limited, bounded and timed as any client, by address
+PUBLISHER_PREFIX = "/v1/whip/"
 BODY_METHODS = ("POST", "PUT", "PATCH")
 STATE_CHANGING = ("POST", "PUT", "PATCH", "DELETE")
 
@@ -245,6 +248,15 @@ class ApiGate:
                 return _error(405, f"{path} takes GET or HEAD only", "invalid_request_error",
                               headers={"Allow": ", ".join(OPEN_METHODS)})
             scope.setdefault("state", {})["tenant"] = (self._tenant(scope, s.api_keys) or "") if s.api_keys else ""
+            return None
+        if path.startswith(PUBLISHER_PREFIX):
+            peer = "peer:" + str((scope.get("client") or ("?",))[0])
+            wait = self._bucket(peer, s).take(time.monotonic())
+            if wait > 0:
+                retry = max(1, math.ceil(wait))
+                return _error(429, f"rate limit: at most {s.requests_per_s:g} requests a second per client; "
+                              f"retry in {retry} s", "rate_limit_exceeded", headers={"Retry-After": str(retry)})
+            scope.setdefault("state", {})["tenant"] = ""
             return None
         if not s.api_keys:
             client = (scope.get("client") or (None, None))[0]

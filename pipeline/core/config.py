@@ -91,12 +91,22 @@ class ServiceConfig:
     #   private/CGNAT/unique-local addresses pass only inside a CIDR named here (camera subnets)
     tls_verify: bool = True  # certificate checks of https fetched under the policy
     rtsp_udp: bool = False  # a client may ask for RTSP over UDP (off: TCP interleaved only)
+    # --- push sources (whip:; pipeline.sources.push, pipeline.sources.webrtc) ---
+    push_sources: bool = True  # clients may create push streams a publisher sends to
+    webrtc_addresses: str = ""  # IPs offered as ICE host candidates (comma list); empty: the node's non-loopback ones
+    webrtc_announce: str = ""  # an address announced instead of the host candidates' (1:1 NAT, a node's public IP)
+    ice_servers: str = ""  # stun:/turn: URLs (comma list) offered to publishers and used by the service
+    ice_username: str = ""  # TURN credentials for the turn: URLs above
+    ice_credential: str = ""
+    push_grace_s: float = 30.0  # a publisher that left may come back this long; then the stream ends
+    push_wait_s: float = 600.0  # a push stream waits this long for its first publisher
+    max_push_streams_per_key: int = 4  # running push streams of one API key
 
     def __post_init__(self) -> None:
         for name in ("encoder_workers", "decoder_actors", "max_batch", "queue_windows", "context_tokens",
                      "max_streams", "max_streams_per_key", "max_context_tokens", "max_questions_per_stream",
                      "store_buffer_windows", "streams_per_worker", "max_probes", "max_probes_per_key",
-                     "rebuild_attempts", "max_ended_per_key"):
+                     "rebuild_attempts", "max_ended_per_key", "max_push_streams_per_key"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"ServiceConfig.{name} must be an integer >= 1, got {v!r}")
@@ -120,11 +130,12 @@ class ServiceConfig:
         if str(self.device).lower() not in ("cpu", "cuda", "auto") and not str(self.device).startswith("cuda:"):
             raise ValueError(f"ServiceConfig.device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
         for name in ("max_lag_s", "cpus_per_actor", "gpus_per_actor", "ingest_cpus", "scale_interval_s",
-                     "scale_down_after_s"):
+                     "scale_down_after_s", "push_grace_s", "push_wait_s"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
                 raise ValueError(f"ServiceConfig.{name} must be a number >= 0, got {v!r}")
         self.source_policy()  # ValueError naming the OMNIZIP_* variable of a bad setting
+        self.push_settings()
         if not isinstance(self.name, str) or not self.name or any(c in self.name for c in "{}: \t\n"):
             raise ValueError(f"ServiceConfig.name must be a non-empty string without braces, colons or "
                              f"spaces, got {self.name!r}")
@@ -175,6 +186,8 @@ class ServiceConfig:
         shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         if shown["redis_url"]:
             shown["redis_url"] = redact(shown["redis_url"])
+        if shown["ice_credential"]:
+            shown["ice_credential"] = "***"
         return f"ServiceConfig({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
     def engine_hash(self) -> str:
@@ -204,7 +217,21 @@ class ServiceConfig:
                                       "OMNIZIP_FILE_ROOTS": self.file_roots,
                                       "OMNIZIP_SOURCE_HOSTS": self.source_hosts,
                                       "OMNIZIP_TLS_VERIFY": "1" if self.tls_verify else "0",
-                                      "OMNIZIP_RTSP_UDP": "1" if self.rtsp_udp else "0"})
+                                      "OMNIZIP_RTSP_UDP": "1" if self.rtsp_udp else "0",
+                                      "OMNIZIP_PUSH_SOURCES": "1" if self.push_sources else "0"})
+
+    def push_settings(self) -> Any:
+        """How push streams are received (pipeline.sources.push_settings.PushSettings);
+        ValueError naming the OMNIZIP_* variable of a bad setting."""
+        from pipeline.sources.push_settings import PushSettings, parse_addresses, parse_ice_servers
+
+        announce = parse_addresses(self.webrtc_announce, "OMNIZIP_WEBRTC_ANNOUNCE")
+        if len(announce) > 1:
+            raise ValueError("OMNIZIP_WEBRTC_ANNOUNCE: one address")
+        return PushSettings(parse_addresses(self.webrtc_addresses, "OMNIZIP_WEBRTC_ADDRESSES"),
+                            announce[0] if announce else "",
+                            parse_ice_servers(self.ice_servers, self.ice_username, self.ice_credential),
+                            float(self.push_grace_s), float(self.push_wait_s))
 
     def queue_policy(self, stage: str) -> QueuePolicy:
         """The bounded-queue policy of a stage: the encoder counts a half-full queue as behind and

@@ -116,7 +116,7 @@ class StreamSpec(Strict):
     """What a client asks for when it starts a stream."""
 
     source: str = Field(min_length=1, max_length=4096,
-                        description="rtsp://..., http(s)://..., file path, v4l2:/dev/videoN, lavfi:GRAPH")
+                        description="rtsp://..., http(s)://..., file path, v4l2:/dev/videoN, lavfi:GRAPH, or whip: (pushed)")
     name: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$",
                              description="a friendly name; also usable as the OpenAI `model`")
     method: str = Field(DEFAULT_METHOD, description="compression method (omnizip.METHODS): omnizip, "

@@ -32,6 +32,7 @@ class IngestStats:
     drops: dict[str, int] = field(default_factory=dict)
     decode_errors: int = 0  # corrupt packets the source skipped (the windows are flagged `damaged`)
     duration_s: float | None = None  # a file's declared duration: reaching less is `ended_early`
+    push: dict[str, Any] | None = None  # a push stream's publisher figures (pipeline.sources.push.PushStats)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -185,5 +186,13 @@ def stream_status(rec: StreamRecord, ing: IngestStats | None, enc: EncoderStats 
         "missing_windows": missing_windows(span, enc, sum(ing.drops.values()) + sum(enc.drops.values()), *retention),
         "duplicates": enc.duplicates,
         "decode_errors": ing.decode_errors, "duration_s": ing.duration_s, "ended_early": ing.ended_early(),
+        **({"ingest": push_ingest(rec, ing)} if "push" in rec.extra else {}),
     }
+
+
+def push_ingest(rec: StreamRecord, ing: IngestStats) -> dict[str, Any]:
+    """Where a push stream's publisher sends (relative to the API's root; the HTTP layer makes it
+    absolute) and what it has sent; the publish token is never part of a status."""
+    p = rec.extra.get("push") or {}
+    return {"protocol": p.get("protocol", "whip"), "url": f"/v1/whip/{rec.id}", **(ing.push or {})}
 

@@ -37,6 +37,7 @@ from pipeline.core.queues import Added
 from pipeline.core.records import StreamRecord
 from pipeline.engine.runtime import ActorNames, StoreRef, lookup
 from pipeline.core.stats import IngestStats
+from pipeline.sources.push_settings import PushSettings
 
 __all__ = ["IngestActor"]
 
@@ -50,7 +51,7 @@ class IngestActor:
     """Reads one source into AVWindows and submits each to the stream's encoder worker."""
 
     def __init__(self, record: StreamRecord, names: ActorNames, store: StoreRef, policy: Any = None,
-                 retain: int = 32) -> None:
+                 retain: int = 32, push: PushSettings | None = None) -> None:
         self.sid = record.id
         self.names = names
         self.store = store.connect(fail_fast=True)  # progress is informative: never stall the source on it
@@ -68,6 +69,10 @@ class IngestActor:
         self.last_arrival: float | None = None
         self._session_reconnects = 0  # reconnects of this actor's own Source (the record holds the total)
         self._stop = threading.Event()
+        self.push: Any = None  # a push stream's PushSource and its WebRTC receiver, ready before the thread
+        self.receiver: Any = None
+        if push is not None:
+            self._start_push(push)
         self._thread = threading.Thread(target=self._run, name=f"ingest-{self.sid}", daemon=True)
         self._thread.start()
 
@@ -126,7 +131,7 @@ class IngestActor:
             if self._stop.is_set():
                 return
             rec = self.rec
-            src = Source(rec.source, rec.options, policy=self.policy)
+            src = self.push if self.push is not None else Source(rec.source, rec.options, policy=self.policy)
             src.open()
             self.st.live = bool(src.live or rec.realtime)
             self.st.duration_s = src.duration_s()  # a file read again counts its errors again; live adds
@@ -284,9 +289,52 @@ class IngestActor:
             self.worker_index, self.worker = int(worker_index), None
         return True
 
+    # -- a push stream's publisher (pipeline.sources.push, pipeline.sources.webrtc) --
+    def _start_push(self, settings: PushSettings) -> None:
+        from pipeline.sources.ice import IceRules
+        from pipeline.sources.push import PushSource
+        from pipeline.sources.webrtc import WebRTCReceiver
+
+        self.push = PushSource(self.rec.source, self.rec.options, wait_s=settings.wait_s, grace_s=settings.grace_s)
+        self._pushed = {"decoded": 0, "kept": 0, "dropped": 0}
+        self.receiver = WebRTCReceiver(self.push, IceRules(self.policy, settings.addresses), settings.servers,
+                                       settings.announce, on_stats=self._push_stats, on_failure=self.metrics.push_failure)
+
+    def publish(self, offer: bytes) -> dict[str, str]:
+        """A publisher's SDP offer -> {"sdp": answer, "session": id}; PushRefused (413, 400
+        naming the problem, 409 while another publisher is connected or the stream is over)."""
+        from pipeline.errors import PushRefused
+        from pipeline.sources.sdp import check_offer
+
+        if self.receiver is None:
+            raise PushRefused(400, "this stream is not a push stream", "stream_id")
+        if self.st.done or self._stop.is_set():
+            raise PushRefused(409, "the stream has ended; create a new one", "stream_id")
+        checked = check_offer(offer, self.policy)
+        if checked.removed:
+            log.info("stream %s: offer candidates refused: %s", self.sid, "; ".join(checked.removed)[:500])
+        answer, session = self.receiver.publish(checked)
+        self.metrics.push_publisher(self.sid, True)
+        return {"sdp": answer, "session": session}
+
+    def unpublish(self, session: str) -> bool:
+        """End the publisher's session (WHIP DELETE); False when it is not this stream's."""
+        return self.receiver is not None and isinstance(session, str) and self.receiver.unpublish(session)
+
+    def _push_stats(self, transport: dict[str, int]) -> None:
+        p = self.push.stats
+        self.metrics.push_received(self.sid, transport["packets"], transport["bytes"], transport["lost"])
+        self.metrics.push_publisher(self.sid, p.connected)
+        now = {"decoded": p.frames_in, "kept": p.frames_kept, "dropped": p.frames_dropped}
+        for outcome, n in now.items():
+            self.metrics.push_frames(self.sid, outcome, max(0, n - self._pushed[outcome]))
+        self._pushed = now
+
     # -- queries --
     def stats(self) -> IngestStats:
         st = dataclasses.replace(self.st, drops=dict(self.st.drops))
+        if self.push is not None:
+            st.push = self.push.stats.to_dict()
         if st.status == "live" and st.live and not st.done and self.last_arrival is not None \
                 and time.time() - self.last_arrival > SILENT_S:
             st.status = "reconnecting"
@@ -294,6 +342,9 @@ class IngestActor:
 
     def stop(self) -> bool:
         self._stop.set()
+        if self.push is not None:
+            self.push.stop()
+            self.receiver.close()
         return True
 
 

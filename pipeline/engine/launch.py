@@ -41,6 +41,8 @@ def start_ingest(name: str, record: Any, config: ServiceConfig, store: StoreRef)
 
     # restarted by Ray on death; it resumes from its progress in the store (pipeline.engine.ingest)
     retain = config.queue_windows + config.max_batch + 8  # what an encoder can hold that is not durable yet
+    push = config.push_settings() if "push" in record.extra else None  # a publisher sends to this actor
+    # threaded (4): a publisher's offer waits on ICE gathering while status calls go on
     return ray.remote(IngestActor).options(**_named(name, config), num_cpus=config.ingest_cpus, max_restarts=-1,
-                                           scheduling_strategy="SPREAD").remote(
-        record, ActorNames.of(config), store, config.source_policy(), retain)
+                                           max_concurrency=4, scheduling_strategy="SPREAD").remote(
+        record, ActorNames.of(config), store, config.source_policy(), retain, push)

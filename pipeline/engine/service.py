@@ -20,7 +20,9 @@ import ray
 
 from pipeline.engine import launch, runtime
 from pipeline.engine.lifecycle import EngineLife
+from pipeline.engine.push import PushStreams
 from pipeline.engine.scaler import PoolScaling
+from pipeline.engine.watch_service import WatchService
 from pipeline.core.config import ServiceConfig
 from pipeline.core.messages import QuestionRoute, check_question
 from pipeline.engine.elastic import Pool
@@ -40,7 +42,7 @@ __all__ = ["ServiceConfig", "StreamService", "find_service", "get_or_create_serv
            "shutdown_service"]
 
 
-class StreamService(EngineLife, PoolScaling):
+class StreamService(EngineLife, PoolScaling, PushStreams, WatchService):
     """The engine's front door. Plain class; runs as the named Ray actor "<name>-service"
     (get_or_create_service(config) -> ActorHandle); every method is async."""
 
@@ -97,7 +99,8 @@ class StreamService(EngineLife, PoolScaling):
         if self._watchdog is None:
             loop = asyncio.get_running_loop()
             self._watchdog = loop.create_task(self._restore_loop())
-            self._loops = [loop.create_task(self._scale_loop()), loop.create_task(self._lifecycle_loop())]
+            self._loops = [loop.create_task(self._scale_loop()), loop.create_task(self._lifecycle_loop()),
+                           loop.create_task(self._deliver_loop())]  # webhooks (pipeline.engine.watch_service)
 
     async def _records(self) -> list[StreamRecord]:
         recs = [StreamRecord.from_dict(r) for r in await self._io(self.store.list_streams)]
@@ -130,7 +133,8 @@ class StreamService(EngineLife, PoolScaling):
                              f"that does is {smallest}" + ("" if parsed.size else " (or set `size` to smaller frames)"))
         from pipeline.sources.spec import classify
 
-        live = classify(parsed.source).live  # UnsupportedSourceError (a ValueError) names the problem
+        kind = classify(parsed.source)  # UnsupportedSourceError (a ValueError) names the problem
+        live = kind.live
         if parsed.backpressure is None:  # a finite source waits for the model rather than lose a window
             parsed = parsed.model_copy(update={"backpressure": not live})
         await self._io(self.policy.check, parsed.source)  # SourceRefused names the rule; opens nothing
@@ -149,16 +153,22 @@ class StreamService(EngineLife, PoolScaling):
             if len(mine) >= self.cfg.max_streams_per_key:
                 raise LimitExceeded(f"at most {self.cfg.max_streams_per_key} streams per API key; delete one first",
                                     "source", 30)
+            if kind.kind == "push":
+                self._check_push_limit(mine)
             rec = StreamRecord.from_spec(
                 parsed, self.cfg.context_tokens, owner=owner,
                 worker=least_loaded([r.worker for r in running], self.encoders.ready() or self.encoders.members),
                 decoder=await self._place_decoder(running, budget))
             rec.extra["engine"] = self.cfg.name  # whose stream it is: a later engine of this name takes it on
+            token = self._new_push(rec, kind.target) if kind.kind == "push" else None
             rec = StreamRecord.from_dict(await self._io(self.store.create_stream, rec.to_dict()))
             self.known[rec.id] = rec
         self._info(rec)
         self.ingest[rec.id] = launch.start_ingest(self.names.ingest(rec.id), rec, self.cfg, self.store_ref)
-        return await self._status(rec)
+        status = await self._status(rec)
+        if token is not None:  # shown this once: the record keeps only its hash
+            status["ingest"] = {**status.get("ingest", {}), "token": token}
+        return status
 
     async def _place_decoder(self, running: list[StreamRecord], tokens: int) -> int:
         """The decoder for a new stream of context budget ``tokens``: the least loaded one whose

@@ -13,7 +13,6 @@ from typing import Any
 
 from pipeline.core.watches import WatchSpec, new_secret, new_watch_id
 from pipeline.engine import runtime
-from pipeline.engine.watches import record
 from pipeline.engine.webhooks import DeliveryPolicy, due, judge, next_delivery_state, post_event, webhook_policy
 from pipeline.errors import LimitExceeded
 from pipeline.metrics import get_metrics
@@ -153,7 +152,7 @@ class WatchService:
                 by_watch.setdefault(e["watch"], []).append(e)
             for wid, queue in by_watch.items():
                 jobs.append(self._deliver_watch(sid, watches.get(wid), queue, now))
-        record(get_metrics(), "pending", "", pending)
+        get_metrics().set_webhook_pending(pending)
         sem = asyncio.Semaphore(MAX_PARALLEL_DELIVERIES)
 
         async def bounded(job: Any) -> int:
@@ -169,7 +168,7 @@ class WatchService:
         if watch is None or not spec.get("webhook") or watch.get("delivery", {}).get("status") == "disabled":
             for e in queue:  # its watch is gone or disabled: nothing will deliver these
                 await runtime.store_call(self.store.outbox_done, sid, e["id"])
-                record(metrics, "delivery", "dropped")
+                metrics.webhook_delivery("dropped")
             return 0
         state = dict(watch.get("delivery") or {})
         p = DeliveryPolicy(self.cfg.webhook_retry_s, self.cfg.webhook_retry_max_s, self.cfg.webhook_disable_after_s)
@@ -183,7 +182,7 @@ class WatchService:
             if attempt.ok:
                 await runtime.store_call(self.store.outbox_done, sid, e["id"])
                 done += 1
-            record(metrics, "delivery", "delivered" if attempt.ok else
+            metrics.webhook_delivery("delivered" if attempt.ok else
                    "refused" if (attempt.error or "").startswith("refused") else "failed")
             if not await runtime.store_call(self.store.set_watch_part, sid, watch["id"], "delivery", state):
                 break  # the watch was deleted meanwhile

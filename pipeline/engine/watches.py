@@ -31,27 +31,13 @@ from typing import Any
 from pipeline.core.messages import CompressedItem
 from pipeline.core.watches import WatchSpec, WatchState, decide, event_body, is_due
 
-__all__ = ["WatchRunner", "YES_NO_SUFFIX", "record"]
+__all__ = ["WatchRunner", "YES_NO_SUFFIX"]
 
 log = logging.getLogger(__name__)
 
 YES_NO_SUFFIX = " Answer yes or no."
 STATE_EVERY = 10  # evaluations between state writes without a transition
 SKIP_REASONS = ("behind_live", "busy")
-
-
-def record(metrics: Any, what: str, label: str, value: float = 1.0) -> None:
-    """The watch and webhook metrics (pipeline.metrics SPECS: omnizip_watch_*, omnizip_webhook_*),
-    recorded through the backend the other helpers use."""
-    names = {"evaluation": ("omnizip_watch_evaluations", "kind"), "event": ("omnizip_watch_events", "state"),
-             "skipped": ("omnizip_watch_skipped", "reason"), "delivery": ("omnizip_webhook_deliveries", "outcome")}
-    if what == "seconds":
-        metrics._b.observe("omnizip_watch_evaluation_seconds", float(value), {"kind": label})
-    elif what == "pending":
-        metrics._b.set("omnizip_webhook_pending", float(value), {})
-    else:
-        name, key = names[what]
-        metrics._b.inc(name, float(value), {key: label})
 
 
 @dataclass
@@ -154,7 +140,7 @@ class WatchRunner:
                 continue
             j.watch.state.skipped += 1
             j.watch.state.last_index = j.index  # the next due window counts from here
-            record(self.metrics, "skipped", reason)
+            self.metrics.watch_skipped(reason)
         yes_no = [j for j in run if j.watch.spec.kind == "yes_no"]
         for a in range(0, len(yes_no), self.batch):
             self._yes_no(yes_no[a:a + self.batch])
@@ -189,7 +175,7 @@ class WatchRunner:
                 caches.append(ctx.cache)
             p = yes_probability(probe_last_logits(self.model, caches, pieces, self.rows), self.n_yes).tolist()
         self.forwards += 1
-        record(self.metrics, "seconds", "yes_no", time.perf_counter() - t)
+        self.metrics.watch_evaluated("yes_no", time.perf_counter() - t)
         for j, pj in zip(jobs, p):
             self._decided(j, p_yes=float(pj))
 
@@ -209,12 +195,12 @@ class WatchRunner:
                     ids.append(tok)
             finally:
                 tokens.close()
-        record(self.metrics, "seconds", "answer", time.perf_counter() - t)
+        self.metrics.watch_evaluated("answer", time.perf_counter() - t)
         self._decided(j, answer=self.model.processor.decode(ids))
 
     def _decided(self, j: _Job, *, p_yes: float | None = None, answer: str | None = None) -> None:
         w, now = j.watch, time.time()
-        record(self.metrics, "evaluation", w.spec.kind)
+        self.metrics.watch_evaluated(w.spec.kind)
         w.state, change = decide(w.spec, w.state, j.index, now, p_yes=p_yes, answer=answer)
         w.since_write += 1
         try:
@@ -222,7 +208,7 @@ class WatchRunner:
                 body = event_body(j.stream, w.id, j.index, j.start, j.end, change, now)
                 self.store.add_event(j.stream, body, max_events=self.max_events,
                                      deliver_to=w.id if w.webhook else None)
-                record(self.metrics, "event", change.state)
+                self.metrics.watch_event(change.state)
             if change is not None or w.since_write >= STATE_EVERY:
                 self.store.set_watch_part(j.stream, w.id, "state", w.state.to_dict())
                 w.since_write = 0

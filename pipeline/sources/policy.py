@@ -57,7 +57,8 @@ from pipeline.redact import has_control_chars
 
 __all__ = ["ALLOW_KINDS", "MEDIA_FORMATS", "SourcePolicy", "file_url_path"]
 
-ALLOW_KINDS = frozenset({"file", "lavfi", "device", "loopback"})
+ALLOW_KINDS = frozenset({"file", "lavfi", "device", "loopback", "whip"})  # whip: push sources, on unless
+#   OMNIZIP_PUSH_SOURCES=0 (accepted in the list for operators who name every kind they allow)
 NETWORK_SCHEMES = {"rtsp": 554, "rtsps": 322, "http": 80, "https": 443}
 _WHITELIST = {
     "rtsp": "rtsp,tcp",  # TCP interleaved: the media comes on the connection that was judged
@@ -109,6 +110,7 @@ class SourcePolicy:
     hosts: tuple[str, ...] = ()  # if set, network sources must match a name or CIDR here
     tls_verify: bool = True  # https fetched by the guarded reader verifies certificates
     rtsp_udp: bool = False  # a client may ask for RTSP over UDP (the server names where RTP goes)
+    push: bool = True  # push sources (whip:): a publisher connects in; its ICE candidates are judged
     unrestricted: bool = False  # permissive(): only the sanity rules (schemes, control chars)
     _host_rules: tuple = field(init=False, repr=False, compare=False, default=())
 
@@ -164,6 +166,10 @@ class SourcePolicy:
         if ru not in ("1", "0", "true", "false", "yes", "no", "on", "off", ""):
             raise ValueError(f"OMNIZIP_RTSP_UDP: expected 1 or 0, not {ru!r}")
         kw["rtsp_udp"] = ru in ("1", "true", "yes", "on")
+        pu = env.get("OMNIZIP_PUSH_SOURCES", "1").strip().lower()
+        if pu not in ("1", "0", "true", "false", "yes", "no", "on", "off", ""):
+            raise ValueError(f"OMNIZIP_PUSH_SOURCES: expected 1 or 0, not {pu!r}")
+        kw["push"] = pu in ("1", "true", "yes", "on", "") or "whip" in allow
         return cls(**kw)
 
     @classmethod
@@ -178,6 +184,10 @@ class SourcePolicy:
         """Raise SourceRefused if `source` may not be opened. Resolves network host names;
         opens nothing (file paths are resolved with realpath only)."""
         kind, s = _kind_of(source)
+        if kind == "push":
+            if not (self.push or self.unrestricted):
+                raise SourceRefused("push:not-allowed", "push sources are not enabled on this service", s)
+            return
         if self.unrestricted:
             if kind == "file-url" and has_control_chars(file_url_path(s)):
                 raise SourceRefused("control-char", "control characters in the path")
@@ -244,6 +254,21 @@ class SourcePolicy:
             self._match_hosts(name, ([literal] if literal is not None else []) + addrs, url)
         wire = raw_host if ":" not in raw_host else raw_host.split("%", 1)[0]
         return NetworkTarget(scheme, wire, port, tuple(str(a) for a in addrs))
+
+    def check_peer(self, address: str) -> None:
+        """Judge a WebRTC peer's address (an ICE candidate of a publisher's offer, or the source
+        of its connectivity checks) before the service sends it a packet: an IP literal only
+        (an mDNS ``.local`` name or any host name is never resolved), by the same address rules
+        as network sources (loopback only if allowed; link-local, multicast, reserved never;
+        private only inside a CIDR of ``hosts``). The host allow-list of names does not apply:
+        publishers authenticate with their token, wherever they are."""
+        if has_control_chars(address):
+            raise SourceRefused("control-char", "control characters in a candidate address")
+        ip = ip_literal(address.strip().strip("[]"))
+        if ip is None:
+            raise SourceRefused("host:invalid", f"candidate address {address[:80]!r} is not an IP address "
+                                "(host names and mDNS .local names are not resolved)")
+        self._judge(ip, str(ip), f"candidate {ip}")
 
     def _judge(self, ip: IPAddress, host: str, url: str) -> None:
         cat = category(ip)
@@ -365,6 +390,8 @@ def _kind_of(source: Any) -> tuple[str, str]:
         return "lavfi", s
     if s.startswith("v4l2:"):
         return "device", s
+    if s.lower() == "whip:":
+        return "push", s
     m = _URL_SCHEME.match(s)
     if m:
         scheme = m.group(1).lower()

@@ -18,9 +18,11 @@ from pipeline.errors import UnsupportedSourceError
 from pipeline.sources.policy import file_url_path
 from pipeline.redact import redact
 
-__all__ = ["SUPPORTED", "Backoff", "SourceOptions", "SourceSpec", "classify", "device_spec"]
+__all__ = ["PUSH_PROTOCOLS", "SUPPORTED", "Backoff", "SourceOptions", "SourceSpec", "classify", "device_spec"]
 
-SUPPORTED = "rtsp://, rtsps://, http(s):// (media or HLS .m3u8), file paths or file://, /dev/videoN or v4l2:/dev/videoN, lavfi:GRAPH"
+SUPPORTED = ("rtsp://, rtsps://, http(s):// (media or HLS .m3u8), file paths or file://, /dev/videoN or "
+             "v4l2:/dev/videoN, lavfi:GRAPH, whip: (pushed by a WebRTC publisher)")
+PUSH_PROTOCOLS = ("whip",)  # push sources: the publisher connects to the service
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,7 @@ class SourceSpec:
     """What a URL names: its kind, what to hand av.open, the demuxer format, and liveness."""
 
     url: str
-    kind: str  # rtsp | http | hls | file | lavfi | v4l2
+    kind: str  # rtsp | http | hls | file | lavfi | v4l2 | push
     target: str
     format: str | None
     live: bool | None
@@ -104,6 +106,12 @@ def classify(url: str | os.PathLike) -> SourceSpec:
         return SourceSpec(s, "lavfi", graph, "lavfi", False)
     if s.startswith("v4l2:"):
         return SourceSpec(s, "v4l2", s[len("v4l2:"):], "v4l2", True)
+    protocol, colon, rest = s.partition(":")
+    if colon and protocol.lower() in PUSH_PROTOCOLS and not rest.startswith("//"):
+        if rest:
+            raise UnsupportedSourceError(f"a push source is just {protocol.lower()}: (the publisher "
+                                         f"connects to the stream's ingest URL), not {redact(s)!r}", s)
+        return SourceSpec(s.lower(), "push", protocol.lower(), None, True)
     m = _SCHEME.match(s)
     if m:
         scheme = m.group(1).lower()

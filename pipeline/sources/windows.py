@@ -35,6 +35,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import av
 import numpy as np
@@ -45,6 +46,9 @@ from pipeline.sources.source import Source
 from pipeline.sources.spec import SourceOptions
 from pipeline.sources.tracks import AudioLine, Held
 from pipeline.errors import SourceError
+
+if TYPE_CHECKING:
+    from pipeline.sources.push import PushSource
 
 _EPS = 1e-4  # seconds: timestamp rounding slack when comparing a frame time to a sample time
 
@@ -387,12 +391,13 @@ def _whole(x: float, what: str) -> int:
     return n
 
 
-def iter_windows(source: str | os.PathLike | Source, *, window_s: float = 2.0, fps: float = 2.0,
+def iter_windows(source: "str | os.PathLike | Source | PushSource", *, window_s: float = 2.0, fps: float = 2.0,
                  sample_rate: int = 16000, realtime: bool | None = None,
                  options: SourceOptions | Mapping | None = None,
                  size: tuple[int, int] | None = None,
                  policy: SourcePolicy | None = None, skip_windows: int = 0) -> Iterator[AVWindow]:
-    """Yield aligned AVWindows from a URL, path, `lavfi:` graph, device or an opened Source.
+    """Yield aligned AVWindows from a URL, path, `lavfi:` graph, device, an opened Source or a
+    PushSource (pipeline.sources.push: media a publisher sends).
 
     realtime: None paces nothing (live sources arrive at their own pace), True paces a file at
     real time so it behaves like a live source. size: (H, W) to scale frames to (else the
@@ -405,7 +410,7 @@ def iter_windows(source: str | os.PathLike | Source, *, window_s: float = 2.0, f
         raise ValueError(f"window_s and fps must be positive, got {window_s} and {fps}")
     if size is not None and (len(size) != 2 or min(size) <= 0):
         raise ValueError(f"size must be (H, W) with positive sides, got {size!r}")
-    owned = not isinstance(source, Source)
+    owned = isinstance(source, (str, os.PathLike))  # else an opened Source, or a PushSource
     src = Source(source, options, sample_rate=sample_rate, policy=policy) if owned else source
     if src.sample_rate != sample_rate:
         raise ValueError(f"the source resamples to {src.sample_rate} Hz but sample_rate={sample_rate}")
