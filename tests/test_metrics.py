@@ -34,7 +34,7 @@ def exported():
 
 def test_specs_cover_issue_5_and_share_the_prefix():
     names = {s.name for s in pm.SPECS}
-    assert all(n.startswith("omnizip_") for n in names) and len(names) == len(pm.SPECS) == 29
+    assert all(n.startswith("omnizip_") for n in names) and len(names) == len(pm.SPECS) == 34
     kinds = {s.name: s.kind for s in pm.SPECS}
     labels = {s.name: s.labels for s in pm.SPECS}
     assert kinds["omnizip_pool_members"] == kinds["omnizip_pool_min"] == kinds["omnizip_pool_max"] == "gauge"
@@ -83,6 +83,12 @@ def test_every_helper_lands_in_the_scrape(exported):
     m.watch_skipped("behind_live")
     m.webhook_delivery("failed")
     m.set_webhook_pending(2)
+    m.realtime_session("opened")
+    m.realtime_event("input_audio_buffer.append")
+    m.realtime_event("other")
+    m.realtime_turn("vad")
+    m.realtime_response("cancelled")
+    m.observe_realtime_latency(0.08)
     got = scrape(port)
 
     def v(metric, **labels):
@@ -121,6 +127,14 @@ def test_every_helper_lands_in_the_scrape(exported):
     assert v("omnizip_webhook_pending") == 2
     with pytest.raises(ValueError, match="state"):
         m.watch_event("maybe")
+    assert v("omnizip_realtime_sessions_total", outcome="opened") == 1
+    assert v("omnizip_realtime_events_total", type="input_audio_buffer.append") == 1
+    assert v("omnizip_realtime_events_total", type="other") == 1
+    assert v("omnizip_realtime_turns_total", trigger="vad") == 1
+    assert v("omnizip_realtime_responses_total", status="cancelled") == 1
+    assert v("omnizip_realtime_first_delta_seconds_bucket", le="0.1") == 1
+    with pytest.raises(ValueError, match="type"):
+        m.realtime_event("session.delete")
     present = {name for name, _ in got}
     assert set(pm.exported_names()) <= present
 

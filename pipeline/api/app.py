@@ -11,6 +11,7 @@ Routes (README "HTTP API"):
   GET    /v1/models[/{id}]           the streams, as OpenAI models
   GET    /healthz                    200 when the engine answers and says it is ok, else 503 (details with a key)
   POST   /v1/whip/{id} (+ OPTIONS, PATCH/DELETE on its session)   a push stream's publisher: pipeline.api.whip
+  GET    /v1/realtime (WebSocket), POST /v1/realtime/client_secrets   OpenAI Realtime: pipeline.api.realtime
   + per-window data and pictures, the source probe and the web console: pipeline.api.console
 
 The replica holds no model and no stream: it validates, forwards to the engine actor and turns
@@ -41,6 +42,7 @@ from pipeline.api.gate import ApiGate, GateSettings, gate_settings, tenant
 from pipeline.api.console import ConsoleRoutes, install as install_console
 from pipeline.api.whip import WhipRoutes, absolute_ingest, install as install_whip
 from pipeline.api.watches import WatchRoutes, install as install_watches
+from pipeline.api.realtime import RealtimeRoutes, install as install_realtime
 from pipeline.core.messages import AnswerEnd, AnswerStart, QuestionRoute
 from pipeline.api.models import (
     AskRequest, AskResponse, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
@@ -75,6 +77,7 @@ install_error_handlers(fastapi_app)
 install_console(fastapi_app)  # per-window data and pictures, source probe, the web console at /
 install_whip(fastapi_app)  # publishers of push streams (WHIP)
 install_watches(fastapi_app)  # standing questions, their events (JSON, SSE)
+install_realtime(fastapi_app, lambda: _GateState.settings)  # /v1/realtime: OpenAI Realtime over a stream
 
 
 def _sse(data: Any, event: str | None = None) -> str:
@@ -128,7 +131,7 @@ def _replica_id() -> str:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=100)
 @serve.ingress(fastapi_app)
-class OmniZipAPI(ConsoleRoutes, WhipRoutes, WatchRoutes):
+class OmniZipAPI(ConsoleRoutes, WhipRoutes, WatchRoutes, RealtimeRoutes):
     """One replica: validates requests and forwards them to the engine actor."""
 
     def __init__(self, config: Mapping[str, Any] | None = None, gate: Mapping[str, Any] | None = None) -> None:

@@ -194,5 +194,6 @@ def push_ingest(rec: StreamRecord, ing: IngestStats) -> dict[str, Any]:
     """Where a push stream's publisher sends (relative to the API's root; the HTTP layer makes it
     absolute) and what it has sent; the publish token is never part of a status."""
     p = rec.extra.get("push") or {}
-    return {"protocol": p.get("protocol", "whip"), "url": f"/v1/whip/{rec.id}", **(ing.push or {})}
+    url = "/v1/realtime" if p.get("protocol") == "realtime" else f"/v1/whip/{rec.id}"  # a realtime session's socket
+    return {"protocol": p.get("protocol", "whip"), "url": url, **(ing.push or {})}
 

@@ -32,6 +32,7 @@ from pipeline.core.records import StreamRecord
 from pipeline.engine.memory import default_memory_bytes, dtype_bytes, text_kv_bytes_per_token
 from pipeline.engine.rebuild import FAILED_KEY, RebuildGuard, RebuildRefused, rebuild_from_store
 from pipeline.engine.runtime import NAMESPACE, ActorNames, StoreRef, resolve_device, use_threads
+from pipeline.engine.spoken import SpokenQuestions
 from pipeline.engine.watches import WatchRunner
 from pipeline.core.stats import DecoderStats
 from pipeline.errors import LimitExceeded
@@ -61,7 +62,7 @@ class _Stream:
     asking: int = 0  # questions answered or waiting on this stream
 
 
-class DecoderActor:
+class DecoderActor(SpokenQuestions):  # spoken questions of realtime sessions: pipeline.engine.spoken
     """Each stream's RollingContext: appends windows, answers questions."""
 
     def __init__(self, name: str, config: ServiceConfig, store: StoreRef) -> None:

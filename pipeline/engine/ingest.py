@@ -37,6 +37,7 @@ from pipeline.core.queues import Added
 from pipeline.core.records import StreamRecord
 from pipeline.engine.runtime import ActorNames, StoreRef, lookup
 from pipeline.core.stats import IngestStats
+from pipeline.engine.realtime_ingest import RealtimeIngest
 from pipeline.sources.push_settings import PushSettings
 
 __all__ = ["IngestActor"]
@@ -47,7 +48,7 @@ SILENT_S = 6.0  # a live source silent for three windows is being reconnected
 WORKER_WAIT_S = 120.0  # how long a window waits for a restarting encoder before it is counted lost
 
 
-class IngestActor:
+class IngestActor(RealtimeIngest):  # a realtime session's media: pipeline.engine.realtime_ingest
     """Reads one source into AVWindows and submits each to the stream's encoder worker."""
 
     def __init__(self, record: StreamRecord, names: ActorNames, store: StoreRef, policy: Any = None,
@@ -291,6 +292,9 @@ class IngestActor:
 
     # -- a push stream's publisher (pipeline.sources.push, pipeline.sources.webrtc) --
     def _start_push(self, settings: PushSettings) -> None:
+        if (self.rec.extra.get("push") or {}).get("protocol") == "realtime":  # a socket appends, no WebRTC
+            self._start_realtime(settings)
+            return
         from pipeline.sources.ice import IceRules
         from pipeline.sources.push import PushSource
         from pipeline.sources.webrtc import WebRTCReceiver
@@ -344,7 +348,8 @@ class IngestActor:
         self._stop.set()
         if self.push is not None:
             self.push.stop()
-            self.receiver.close()
+            if self.receiver is not None:
+                self.receiver.close()
         return True
 
 

@@ -21,6 +21,7 @@ import ray
 from pipeline.engine import launch, runtime
 from pipeline.engine.lifecycle import EngineLife
 from pipeline.engine.push import PushStreams
+from pipeline.engine.realtime import RealtimeSessions
 from pipeline.engine.scaler import PoolScaling
 from pipeline.engine.watch_service import WatchService
 from pipeline.core.config import ServiceConfig
@@ -42,7 +43,7 @@ __all__ = ["ServiceConfig", "StreamService", "find_service", "get_or_create_serv
            "shutdown_service"]
 
 
-class StreamService(EngineLife, PoolScaling, PushStreams, WatchService):
+class StreamService(EngineLife, PoolScaling, PushStreams, WatchService, RealtimeSessions):
     """The engine's front door. Plain class; runs as the named Ray actor "<name>-service"
     (get_or_create_service(config) -> ActorHandle); every method is async."""
 

@@ -21,7 +21,8 @@ from typing import Any, Literal
 from pipeline.metrics.backends import _PromBackend, _RayBackend
 from pipeline.metrics.specs import (  # noqa: F401  (the vocabulary, importable from here)
     BATCH_BUCKETS, DROP_REASONS, LATENCY_BUCKETS, MODALITIES, POOL_STATES, POOLS, PREFIX, PUSH_FAILURE_STAGES,
-    PUSH_FRAME_OUTCOMES, RATE_BUCKETS, RECONNECT_COMPONENTS, SPECS, STAGES, WATCH_KINDS, WATCH_SKIP_REASONS,
+    PUSH_FRAME_OUTCOMES, RATE_BUCKETS, REALTIME_EVENTS, REALTIME_RESPONSE_STATUSES, REALTIME_SESSION_OUTCOMES,
+    REALTIME_TURN_TRIGGERS, RECONNECT_COMPONENTS, SPECS, STAGES, WATCH_KINDS, WATCH_SKIP_REASONS,
     WATCH_STATES, WEBHOOK_OUTCOMES, MetricSpec, exported_names)
 
 __all__ = ["SPECS", "STAGES", "MODALITIES", "DROP_REASONS", "RECONNECT_COMPONENTS", "POOLS", "POOL_STATES",
@@ -212,6 +213,25 @@ class Metrics:
 
     def set_webhook_pending(self, n: int) -> None:
         self._b.set("omnizip_webhook_pending", _count(n, "pending"), {})
+
+    def realtime_session(self, outcome: str) -> None:
+        self._b.inc("omnizip_realtime_sessions", 1.0,
+                    {"outcome": _check(outcome, REALTIME_SESSION_OUTCOMES, "outcome")})
+
+    def realtime_event(self, kind: str) -> None:
+        """One client event of a realtime session (``other``: an unknown or unsupported type)."""
+        self._b.inc("omnizip_realtime_events", 1.0, {"type": _check(kind, REALTIME_EVENTS, "type")})
+
+    def realtime_turn(self, trigger: str) -> None:
+        self._b.inc("omnizip_realtime_turns", 1.0, {"trigger": _check(trigger, REALTIME_TURN_TRIGGERS, "trigger")})
+
+    def realtime_response(self, status: str) -> None:
+        self._b.inc("omnizip_realtime_responses", 1.0,
+                    {"status": _check(status, REALTIME_RESPONSE_STATUSES, "status")})
+
+    def observe_realtime_latency(self, seconds: float) -> None:
+        """A turn's end (speech stopped, or response.create) to its first text delta."""
+        self._b.observe("omnizip_realtime_first_delta_seconds", _num(seconds, "seconds"), {})
 
     def forget_stream(self, stream: str) -> None:
         """A deleted stream's series stop being exported (prometheus) or read 0 (ray), its

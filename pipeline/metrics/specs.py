@@ -19,6 +19,12 @@ WATCH_KINDS = ("yes_no", "answer")
 WATCH_STATES = ("fired", "cleared")
 WATCH_SKIP_REASONS = ("behind_live", "busy")  # behind_live: the window was behind; busy: live windows waited
 WEBHOOK_OUTCOMES = ("delivered", "failed", "refused", "dropped")
+REALTIME_EVENTS = ("session.update", "input_audio_buffer.append", "input_audio_buffer.commit",  # client events
+                   "input_audio_buffer.clear", "conversation.item.create", "response.create", "response.cancel",
+                   "other")  # other: unknown or unsupported types
+REALTIME_SESSION_OUTCOMES = ("opened", "refused")
+REALTIME_TURN_TRIGGERS = ("vad", "commit", "item")  # a spoken turn by VAD or commit, or a message item
+REALTIME_RESPONSE_STATUSES = ("completed", "cancelled", "incomplete", "failed")
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 RATE_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
@@ -104,6 +110,15 @@ SPECS: tuple[MetricSpec, ...] = (
                "failed (retried with backoff), refused (the host policy), dropped (watch gone or disabled).",
                ("outcome",)),
     MetricSpec("omnizip_webhook_pending", "gauge", "Webhook deliveries waiting in the outboxes."),
+    # realtime sessions (pipeline.api.realtime)
+    MetricSpec("omnizip_realtime_sessions", "counter", "Realtime WebSocket sessions by outcome: opened, refused "
+               "(credentials at the handshake, or the key's limits).", ("outcome",)),
+    MetricSpec("omnizip_realtime_events", "counter", "Realtime client events received, by type.", ("type",)),
+    MetricSpec("omnizip_realtime_turns", "counter", "User turns: spoken ones ended by server VAD or a commit, "
+               "and message items with text or audio.", ("trigger",)),
+    MetricSpec("omnizip_realtime_responses", "counter", "Realtime responses by final status.", ("status",)),
+    MetricSpec("omnizip_realtime_first_delta_seconds", "histogram", "From a turn's end (speech stopped, or "
+               "response.create) to its first text delta.", (), LATENCY_BUCKETS),
 )
 _BY_NAME = {s.name: s for s in SPECS}
 

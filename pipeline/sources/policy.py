@@ -390,7 +390,7 @@ def _kind_of(source: Any) -> tuple[str, str]:
         return "lavfi", s
     if s.startswith("v4l2:"):
         return "device", s
-    if s.lower() == "whip:":
+    if s.lower() in ("whip:", "realtime:"):  # realtime: a /v1/realtime session (pipeline.api.realtime)
         return "push", s
     m = _URL_SCHEME.match(s)
     if m:

@@ -21,8 +21,8 @@ from pipeline.redact import redact
 __all__ = ["PUSH_PROTOCOLS", "SUPPORTED", "Backoff", "SourceOptions", "SourceSpec", "classify", "device_spec"]
 
 SUPPORTED = ("rtsp://, rtsps://, http(s):// (media or HLS .m3u8), file paths or file://, /dev/videoN or "
-             "v4l2:/dev/videoN, lavfi:GRAPH, whip: (pushed by a WebRTC publisher)")
-PUSH_PROTOCOLS = ("whip",)  # push sources: the publisher connects to the service
+             "v4l2:/dev/videoN, lavfi:GRAPH, whip: (pushed by a WebRTC publisher), realtime: (a /v1/realtime session)")
+PUSH_PROTOCOLS = ("whip", "realtime")  # push sources: the publisher connects to the service
 
 
 @dataclass(frozen=True)
