@@ -32,7 +32,7 @@ MAX_TEXT = 8192
 
 @dataclass(frozen=True)
 class RealtimeLimits:
-    """What one session may send (OMNIZIP_REALTIME_*; pipeline.api.realtime reads them)."""
+    """What one session may send (pipeline.api.realtime.realtime_limits reads them from the environment)."""
 
     max_image_pixels: int = 4096 * 4096
     max_turn_s: float = 60.0
