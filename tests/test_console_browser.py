@@ -153,3 +153,60 @@ def test_console_end_to_end(browser: Any, serve_api: dict[str, Any], live: dict[
           "missing or invalid API key: send 'Authorization: Bearer <key>'")
     d.save_screenshot(str(shots / "console-wrong-key.png"))
     assert all((shots / n).stat().st_size > 10_000 for n in ("console.png", "console-answer.png"))
+
+
+def test_send_my_camera_publishes_the_browsers_camera(serve_api: dict[str, Any], shots: Path) -> None:
+    """Chromium's fake camera (a moving pattern) and microphone (a beep) go to a new push stream
+    over WHIP from the console's "Send my camera" panel: windows arrive with moving frames and
+    non-silent audio, the kept-patch picture shows, Stop ends the publishing session. ICE stays on
+    loopback: the service offers 127.0.0.1 only (the test engine's OMNIZIP_WEBRTC_ADDRESSES), and
+    Chromium's mDNS names (which would be announced by multicast) are switched off."""
+    import numpy as np
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1200",
+                "--no-first-run", "--disable-extensions", "--disable-background-networking", "--disable-component-update",
+                "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+                "--allow-loopback-in-peer-connection", "--disable-features=WebRtcHideLocalIpsWithMdns"):
+        opts.add_argument(arg)
+    d = webdriver.Chrome(service=Service(DRIVER), options=opts)
+    api = Api(str(serve_api["url"]), str(serve_api["key"]))
+    shots.mkdir(parents=True, exist_ok=True)
+    sid = None
+    try:
+        d.set_page_load_timeout(60)
+        d.get(serve_api["url"] + "/")
+        use_key(d, str(serve_api["key"]))
+        d.find_element(By.ID, "cam-name").send_keys("my-browser-cam")
+        d.find_element(By.ID, "cam-start").click()
+        until("the camera publishing", lambda: "sending to stream" in text(d, "cam-state")
+              or "connection: connected" in text(d, "cam-state") or text(d, "error").strip(), 60)
+        assert not text(d, "error").strip(), text(d, "error")
+        sid = next(s["id"] for s in api.get("/v1/streams").json()["streams"] if s.get("name") == "my-browser-cam")
+        st = api.wait(sid, lambda s: s["windows"] >= 3, WAIT_S, "three windows from the browser")
+        assert st["ingest"]["connected"] and st["tokens"]["video"]["in"] > 0, st
+        until("the kept-patch picture", lambda: d.execute_script(
+            "const i = document.getElementById('frames-img'); return i.complete && i.naturalWidth > 0"))
+        d.save_screenshot(str(shots / "console-camera.png"))
+        import ray
+
+        from pipeline.engine.service import find_service
+        from pipeline.viz import window as window_viz
+
+        svc = find_service(serve_api["config"])
+        recs = [window_viz.decode_record(ray.get(svc.window_viz.remote(sid, i))) for i in (1, 2)]
+        thumbs = np.concatenate([r["thumb"] for r in recs]).astype(np.float32)
+        assert np.abs(np.diff(thumbs, axis=0)).mean() > 1.0, "the frames do not move"
+        envelope = np.concatenate([np.asarray(r["envelope"], np.float32) for r in recs])
+        assert envelope.max() > 0.01, "the audio is silent"
+        d.find_element(By.ID, "cam-stop").click()
+        until("stopped", lambda: text(d, "cam-state") == "stopped")
+        api.wait(sid, lambda s: not s["ingest"]["connected"], 30, "the publisher gone")
+    finally:
+        d.quit()
+        if sid is not None:
+            api.delete(f"/v1/streams/{sid}")

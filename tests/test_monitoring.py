@@ -42,6 +42,18 @@ def feed(m: pm.Metrics, k: int) -> None:
     m.set_pool("decoder", ready=1, starting=0, restarting=0, low=1, high=2)
     if k % 3 == 1:
         m.stream_moved("encoder")
+    m.push_publisher("cam2", True)  # a push stream's publisher and a watch, as the ingest and decoder record them
+    m.push_received("cam2", packets=50 + k, nbytes=40000 + k, lost=k % 2)
+    for outcome, n in (("decoded", 6), ("kept", 2), ("dropped", k % 2)):
+        m.push_frames("cam2", outcome, n)
+    if k % 4 == 0:
+        m.push_failure("ice")
+    m.watch_evaluated("yes_no")
+    m.watch_evaluated("yes_no", seconds=0.02 + 0.001 * (k % 5))
+    m.watch_event("fired" if k % 2 else "cleared")
+    m.watch_skipped("busy")
+    m.webhook_delivery("delivered" if k % 3 else "failed")
+    m.set_webhook_pending(k % 4)
 
 
 def serve_and_gpu_names() -> dict[str, set[str]]:
@@ -131,7 +143,7 @@ def test_panel_queries_refuse_unknown_variables():
 
 def test_promtool_checks(tmp_path):
     r = ph.promtool("check", "rules", str(ph.MONITORING / "alerts.yml"))
-    assert r.returncode == 0 and "6 rules found" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and "7 rules found" in r.stdout, r.stdout + r.stderr
     r = ph.promtool("test", "rules", "alerts_test.yml", cwd=ph.MONITORING)
     assert r.returncode == 0 and "SUCCESS" in r.stdout, r.stdout + r.stderr
     r = ph.promtool("check", "config", str(ph.MONITORING / "prometheus.yml"))

@@ -44,7 +44,7 @@ __all__ = ["ApiGate", "GateSettings", "TokenBucket", "gate_settings", "parse_key
 
 # served without a key: the health check and the web console's static files (exact paths,
 # pipeline.api.console.CONSOLE_FILES); the console's own API calls carry the key
-OPEN_PATHS = frozenset({"/healthz", "/", "/console/console.js", "/console/console.css"})
+OPEN_PATHS = frozenset({"/healthz", "/", "/console/console.js", "/console/console.css", "/console/camera.js"})
 OPEN_METHODS = ("GET", "HEAD")  # an open path never reads a body
 # a push stream's publisher (WHIP, pipeline.api.whip) authenticates with the stream's publish
 # token, which the route checks; it is rate-limited, bounded and timed as any client, by address
