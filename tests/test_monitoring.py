@@ -54,6 +54,11 @@ def feed(m: pm.Metrics, k: int) -> None:
     m.watch_skipped("busy")
     m.webhook_delivery("delivered" if k % 3 else "failed")
     m.set_webhook_pending(k % 4)
+    m.realtime_session("opened")  # a realtime session's socket, as the replica records it
+    m.realtime_event("input_audio_buffer.append")
+    m.realtime_turn("vad")
+    m.realtime_response("completed" if k % 3 else "cancelled")
+    m.observe_realtime_latency(0.05 + 0.01 * (k % 4))
 
 
 def serve_and_gpu_names() -> dict[str, set[str]]:
