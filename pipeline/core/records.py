@@ -83,6 +83,21 @@ class Strict(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    @classmethod
+    def parse(cls, spec: Any) -> Any:
+        """An instance from plain data (the engine's entry, past the HTTP layer); ValueError
+        naming the field, as the HTTP layer's 422 does."""
+        if isinstance(spec, cls):
+            return spec
+        if isinstance(spec, BaseModel):
+            spec = spec.model_dump(exclude_unset=True)
+        if not isinstance(spec, Mapping):
+            raise ValueError(f"{cls.__name__} must be a mapping, got {type(spec).__name__}")
+        try:
+            return cls.model_validate(dict(spec))
+        except ValidationError as e:
+            raise ValueError(validation_message(e)) from None
+
 
 class _OmniZipSettingsRules(Strict):
     """OmniZipConfig's own rules over the fields that were set (the fields come from it below)."""
@@ -163,19 +178,6 @@ class StreamSpec(Strict):
             raise ValueError(f"unknown method {v!r}; known: {sorted(METHOD_NAMES)}")
         return v
 
-    @classmethod
-    def parse(cls, spec: Any) -> "StreamSpec":
-        """A spec from plain data (the service's entry); ValueError naming the field."""
-        if isinstance(spec, cls):
-            return spec
-        if isinstance(spec, BaseModel):
-            spec = spec.model_dump(exclude_unset=True)
-        if not isinstance(spec, Mapping):
-            raise ValueError(f"spec must be a mapping, got {type(spec).__name__}")
-        try:
-            return cls.model_validate(dict(spec))
-        except ValidationError as e:
-            raise ValueError(validation_message(e)) from None
 
 
 @dataclass(frozen=True)

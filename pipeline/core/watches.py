@@ -19,9 +19,9 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
-from pipeline.core.records import validation_message
+from pipeline.core.records import Strict
 from pipeline.redact import has_control_chars
 
 __all__ = ["WINDOW_S", "MAX_ANSWER_TOKENS", "Hysteresis", "WatchSpec", "WatchState", "Webhook", "Transition",
@@ -33,18 +33,14 @@ MAX_QUESTION_CHARS = 1000
 MAX_URL_CHARS = 2048
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Hysteresis(_Strict):
+class Hysteresis(Strict):
     """Evaluations in a row that must agree before the watch changes state."""
 
     fire: int = Field(1, ge=1, le=1000, description="evaluations in a row above the threshold to fire")
     clear: int = Field(1, ge=1, le=1000, description="evaluations in a row below it to clear")
 
 
-class Webhook(_Strict):
+class Webhook(Strict):
     """Where the watch's events are POSTed (Standard Webhooks, signed with the watch's secret)."""
 
     url: str = Field(min_length=1, max_length=MAX_URL_CHARS, description="http(s) URL, no credentials")
@@ -78,7 +74,7 @@ def webhook_url_problem(url: str) -> str | None:
     return None
 
 
-class WatchSpec(_Strict):
+class WatchSpec(Strict):
     """A standing question about a stream (``POST /v1/streams/{id}/watches``)."""
 
     question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS, description="asked after each due window")
@@ -113,19 +109,6 @@ class WatchSpec(_Strict):
     def every_windows(self) -> int:
         return int(round(self.every_s / WINDOW_S))
 
-    @classmethod
-    def parse(cls, spec: Any) -> "WatchSpec":
-        """A spec from plain data; ValueError naming the field (the service's entry)."""
-        if isinstance(spec, cls):
-            return spec
-        if isinstance(spec, BaseModel):
-            spec = spec.model_dump(exclude_unset=True)
-        if not isinstance(spec, dict):
-            raise ValueError(f"watch must be a mapping, got {type(spec).__name__}")
-        try:
-            return cls.model_validate(spec)
-        except ValidationError as e:
-            raise ValueError(validation_message(e)) from None
 
 
 @dataclass
