@@ -143,6 +143,9 @@ def test_whip_refusals(api: Api, serve_api: dict[str, Any]) -> None:
         # bad create requests: a push source is just "whip:"
         r = api.post("/v1/streams", json={"source": "whip:extra"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "source", r.text
+        for spelling in ("realtime:", "REALTIME:", " realtime:"):  # a session's stream only comes with its socket
+            r = api.post("/v1/streams", json={"source": spelling})
+            assert r.status_code == 422 and r.json()["error"]["param"] == "source", r.text
         # push streams per key (3 in the test engine): this one and two more, then 429
         more = [push_stream(api), push_stream(api)]
         r = api.post("/v1/streams", json={"source": "whip:"})

@@ -37,6 +37,14 @@ class CreateStreamRequest(StreamSpec):
     options: HttpSourceOptions | None = Field(None, description="source options: transport, timeouts, "
                                               "reconnect policy (bounded)")
 
+    @field_validator("source")
+    @classmethod
+    def _not_a_session(cls, v: str) -> str:
+        if v.strip().lower().startswith("realtime:"):  # nothing but its socket could feed it
+            raise ValueError("a realtime session's stream is made by opening the /v1/realtime WebSocket, "
+                             "not by POST /v1/streams")
+        return v
+
     def to_spec(self) -> dict[str, Any]:
         """The fields the client set, as the engine's create_stream spec."""
         spec = self.model_dump(exclude_unset=True, exclude_none=True, exclude={"options"})
