@@ -23,8 +23,16 @@ pytest.importorskip("silero_vad")
 
 
 @pytest.fixture(scope="module")
-def rt(serve_api: dict[str, Any]) -> dict[str, Any]:
-    return serve_api
+def rt(serve_api: dict[str, Any]) -> Any:
+    """The session app; after this module the sessions' streams of both keys are deleted (they
+    end with their sockets but stay listed, and later modules share the keys and the Redis)."""
+    yield serve_api
+    for key in (serve_api["key"], serve_api["other_key"]):
+        headers = {"Authorization": f"Bearer {key}"}
+        listed = requests.get(f"{serve_api['url']}/v1/streams", headers=headers, timeout=60).json()["streams"]
+        for st in listed:
+            if st["source"] == "realtime:":
+                requests.delete(f"{serve_api['url']}/v1/streams/{st['id']}", headers=headers, timeout=60)
 
 
 def run(coro: Any) -> Any:
